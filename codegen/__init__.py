@@ -1,0 +1,1 @@
+"""Triton code generation for the fusion groups that passes/fusion.py forms."""

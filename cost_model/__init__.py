@@ -1,0 +1,1 @@
+"""Cost estimates (time, bytes) that the passes' decisions are scored with."""

@@ -1,0 +1,110 @@
+"""The Dynamo entry point: `torch.compile(model, backend="graphopt")`.
+
+Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so
+user code needs no `import graphopt`. Dynamo hands us a torch-IR FX graph;
+AOTAutograd turns it into functional ATen forward/backward graphs (or a single
+inference graph under no_grad), and each of those runs through the pass
+pipeline and becomes a CompiledGraph.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from graphopt import events
+from graphopt.decompositions import decomposition_table
+from graphopt.fallback import warn_fallback
+from graphopt.options import Options, OptionsError, options_for
+from graphopt.pipeline import GraphKind, PassContext, run_pipeline
+from graphopt.runtime import CompiledGraph
+
+_graph_ids = itertools.count()
+
+
+def _dynamo_visible(error: OptionsError) -> Exception:
+    """Dynamo wraps backend exceptions in BackendCompilerFailed; ShortenTraceback
+    subclasses pass through unwrapped, so the user sees a ValueError."""
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:
+        return error
+
+    class GraphoptOptionsError(ShortenTraceback, OptionsError):
+        pass
+
+    return GraphoptOptionsError(str(error), first_useful_frame=None)
+
+
+def _graph_name(kind: GraphKind, graph_id: int) -> str:
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    frame = str(compile_id).replace("/", "_") if compile_id is not None else "x"
+    return f"g{graph_id}_frame{frame}_{kind}"
+
+
+def _device_of(example_inputs: Sequence[Any]) -> torch.device:
+    """The device the graph computes on: that of its first tensor input (CPU if none)."""
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def compile_graph(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], kind: GraphKind, options: Options, graph_id: int
+) -> CompiledGraph:
+    """Run the pass pipeline on one ATen graph; if it fails, the graph runs as eager ATen."""
+    name = _graph_name(kind, graph_id)
+    ctx = PassContext(
+        options=options, graph_name=name, kind=kind, example_inputs=example_inputs, device=_device_of(example_inputs)
+    )
+    try:
+        result = run_pipeline(gm, ctx)
+    except Exception as e:  # graphopt's own failure must never stop a model that eager can run
+        warn_fallback(f"graph {name}", f"pipeline failed with {type(e).__name__}: {e}".splitlines()[0][:300])
+        events.graph_compiled(events.CompiledGraphInfo(name, kind, gm, gm, [], error=e))
+        return CompiledGraph(gm, name)
+    events.graph_compiled(events.CompiledGraphInfo(name, kind, gm, result.gm, result.records))
+    return CompiledGraph(result.gm, name)
+
+
+def _compilers(options: Options) -> dict[str, Callable[..., Any]]:
+    graph_id = next(_graph_ids)
+
+    def compiler(kind: GraphKind):
+        def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CompiledGraph:
+            return compile_graph(gm, example_inputs, kind, options, graph_id)
+
+        return compile_fn
+
+    return {
+        "fw_compiler": compiler("forward"),
+        "bw_compiler": compiler("backward"),
+        "inference_compiler": compiler("inference"),
+        "partition_fn": min_cut_rematerialization_partition,
+        "decompositions": decomposition_table(options),
+        "keep_inference_input_mutations": True,
+    }
+
+
+def graphopt_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """Compile one Dynamo graph. `options` and `mode` come from torch.compile."""
+    try:
+        parsed = options_for(mode, options)
+    except OptionsError as e:
+        raise _dynamo_visible(e) from None
+    return aot_autograd(**_compilers(parsed))(gm, example_inputs)

@@ -1,0 +1,96 @@
+"""Every user option of graphopt, parsed from `torch.compile(..., options={...})`.
+
+One frozen dataclass so a compiled graph's behaviour is a value: it can be hashed
+into the tuning-cache key and printed in a report. Each field carries its own
+parser and a one-line description in its metadata; the README's options table and
+the error messages are made from the same metadata, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class OptionsError(ValueError):
+    """A malformed `options={...}` entry or `mode=`: says what is valid."""
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise OptionsError(f"expected True or False, got {value!r}")
+
+
+def _as_optional_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return value
+    import os
+
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise OptionsError(f"expected a directory path (str) or None, got {value!r}")
+
+
+def _option(default: Any, parse: Callable[[Any], Any], valid: str, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"parse": parse, "valid": valid, "help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The options of one `torch.compile(..., backend="graphopt")` call."""
+
+    fusion: bool = _option(
+        True, _as_bool, "True | False", "fuse pointwise/reduction regions into generated Triton kernels"
+    )
+    debug_dir: str | None = _option(
+        None,
+        _as_optional_path,
+        "a directory path | None",
+        "write every compiled graph, before and after each pass, as readable files under this folder",
+    )
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any] | None) -> Options:
+        """Validate a user dict: unknown keys and bad values raise OptionsError naming what is valid."""
+        raw = dict(raw or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise OptionsError(
+                f"unknown graphopt option(s) {', '.join(map(repr, unknown))}; valid options: "
+                + "; ".join(f"{name} ({f.metadata['valid']})" for name, f in fields.items())
+            )
+        parsed = {}
+        for name, value in raw.items():
+            field = fields[name]
+            try:
+                parsed[name] = field.metadata["parse"](value)
+            except OptionsError as e:
+                raise OptionsError(f"graphopt option {name!r}: {e}; valid values: {field.metadata['valid']}") from None
+        return cls(**parsed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def options_table() -> list[tuple[str, str, str, str]]:
+    """(name, default, valid values, description) for every option: the README table's source."""
+    return [
+        (f.name, repr(f.default), f.metadata["valid"], f.metadata["help"]) for f in dataclasses.fields(Options)
+    ]
+
+
+# torch.compile(mode=...) values graphopt honours, and the options each one implies.
+MODES: dict[str, dict[str, Any]] = {"default": {}}
+
+
+def options_for(mode: str | None, options: Mapping[str, Any] | None) -> Options:
+    """Merge torch.compile's `mode` and `options` into one Options (explicit options win)."""
+    mode = mode or "default"
+    if mode not in MODES:
+        raise OptionsError(f"graphopt does not support mode={mode!r}; supported modes: {', '.join(map(repr, MODES))}")
+    return Options.parse({**MODES[mode], **dict(options or {})})

@@ -1,0 +1,122 @@
+"""The ordered pass list and the pass manager.
+
+A pass is a pure function `run(gm, ctx) -> (gm, PassReport)`. The manager hands
+each pass its own copy of the graph, so the graph before the pass stays intact
+for the record, the CLI's diffs and the eager fallback. It times every pass and
+keeps its report; with `debug_dir` set the records are written out as files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import fx
+
+from graphopt.options import Options
+
+GraphKind = Literal["forward", "backward", "inference"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassReport:
+    """What a pass decided and why. Passes subclass it with their own fields."""
+
+    def summary(self) -> str:
+        """One line for logs and the CLI; subclasses override with something sharper."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (list, tuple, dict, set)):
+                value = len(value)
+            parts.append(f"{f.name}={value}")
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """Everything a pass may read: nothing else is global."""
+
+    options: Options
+    graph_name: str
+    kind: GraphKind
+    example_inputs: Sequence[Any]
+    device: torch.device = torch.device("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+    """One pass's run: its name, the graph code before and after, time and report."""
+
+    name: str
+    before: fx.GraphModule
+    after: fx.GraphModule
+    seconds: float
+    report: PassReport
+
+
+GraphPass = Callable[[fx.GraphModule, PassContext], tuple[fx.GraphModule, PassReport]]
+
+
+def graph_passes(options: Options) -> list[tuple[str, GraphPass]]:
+    """The passes run on every forward, backward and inference graph, in order."""
+    from graphopt.passes import cleanup
+
+    passes: list[tuple[str, GraphPass]] = [("cleanup", cleanup.run)]
+    return passes
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copied graph (node meta copied shallowly, submodules shared)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, val_map={})
+    graph.output(out)
+    graph._codegen = gm.graph._codegen
+    return fx.GraphModule(gm, graph, gm.__class__.__name__)
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    gm: fx.GraphModule
+    records: list[PassRecord]
+
+
+def run_pipeline(
+    gm: fx.GraphModule, ctx: PassContext, passes: Sequence[tuple[str, GraphPass]] | None = None
+) -> PipelineResult:
+    """Run `passes` (default: graph_passes(ctx.options)) in order, recording each one."""
+    if passes is None:
+        passes = graph_passes(ctx.options)
+    records: list[PassRecord] = []
+    current = gm
+    for name, graph_pass in passes:
+        start = time.perf_counter()
+        after, report = graph_pass(copy_graph_module(current), ctx)
+        after.graph.lint()
+        after.recompile()
+        records.append(PassRecord(name, current, after, time.perf_counter() - start, report))
+        current = after
+    if ctx.options.debug_dir:
+        from graphopt.debug_dump import write_graph_records
+
+        write_graph_records(ctx.options.debug_dir, ctx.graph_name, gm, records)
+    return PipelineResult(current, records)
+
+
+def readable(gm: fx.GraphModule) -> str:
+    """The graph as Python with shapes/dtypes in comments (what the dumps and diffs show)."""
+    try:
+        return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    except Exception:  # print_readable needs meta['val']; hand-built graphs may lack it
+        return gm.code
+
+
+def node_op_name(node: fx.Node) -> str:
+    """A short, stable name for what a node computes (aten.mm.default, a kernel's name, ...)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__name__", str(target))

@@ -1,0 +1,2 @@
+"""Graph passes. Each module exposes `run(gm, ctx) -> (GraphModule, PassReport)`;
+graphopt/pipeline.py decides their order."""

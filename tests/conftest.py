@@ -1,0 +1,16 @@
+"""Test-wide setup: Triton runs in its interpreter on the CPU (set before triton is imported)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: no cached frames or recompilation counts from earlier tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
