@@ -27,9 +27,18 @@ _EXTRA_FOR_FUSION = [
 ]
 
 
+# Attention stays one extern call (flash/efficient kernels beat any decomposition), and
+# torch 2.13's decomposition of the CPU flash op gives wrong gradients under a causal mask.
+_KEEP_EXTERN = [
+    aten._scaled_dot_product_flash_attention_for_cpu,
+]
+
+
 def decomposition_table(options: Options) -> dict[Any, Any]:
     if not options.fusion:
         return {}
     table = dict(core_aten_decompositions())
     table.update(get_decompositions(_EXTRA_FOR_FUSION))
+    for op in get_decompositions(_KEEP_EXTERN):
+        table.pop(op, None)
     return table

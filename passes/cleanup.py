@@ -12,6 +12,7 @@ import dataclasses
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from graphopt.pipeline import PassContext, PassReport
 
@@ -39,15 +40,16 @@ class CleanupReport(PassReport):
 
 
 def _same_layout(a: fx.Node, b: fx.Node) -> bool:
+    """Provably the same view. Symbolic sizes are compared without installing guards,
+    which would specialize a dynamic graph and recompile it for every new size."""
     va, vb = a.meta.get("val"), b.meta.get("val")
     if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
         return False
-    return (
-        va.shape == vb.shape
-        and va.stride() == vb.stride()
-        and va.dtype == vb.dtype
-        and va.storage_offset() == vb.storage_offset()
-    )
+    if va.dtype != vb.dtype or va.dim() != vb.dim():
+        return False
+    layout_a = (*va.shape, *va.stride(), va.storage_offset())
+    layout_b = (*vb.shape, *vb.stride(), vb.storage_offset())
+    return statically_known_true(sym_eq(layout_a, layout_b))
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, CleanupReport]:
