@@ -19,6 +19,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from graphopt import events
+from graphopt.cache import open_graph_cache
 from graphopt.decompositions import decomposition_table
 from graphopt.fallback import warn_fallback
 from graphopt.options import Options, OptionsError, options_for
@@ -63,8 +64,14 @@ def compile_graph(
 ) -> CompiledGraph:
     """Run the pass pipeline on one ATen graph; if it fails, the graph runs as eager ATen."""
     name = _graph_name(kind, graph_id)
+    device = _device_of(example_inputs)
     ctx = PassContext(
-        options=options, graph_name=name, kind=kind, example_inputs=example_inputs, device=_device_of(example_inputs)
+        options=options,
+        graph_name=name,
+        kind=kind,
+        example_inputs=example_inputs,
+        device=device,
+        cache=open_graph_cache(gm, example_inputs, options, device, name),
     )
     try:
         result = run_pipeline(gm, ctx)

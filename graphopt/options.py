@@ -52,6 +52,12 @@ class Options:
         "a directory path | None",
         "write every compiled graph, before and after each pass, as readable files under this folder",
     )
+    cache_dir: str | None = _option(
+        None,
+        _as_optional_path,
+        "a directory path | None",
+        "folder of the tuning cache; None: $GRAPHOPT_CACHE_DIR, else the user cache dir (platformdirs)",
+    )
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> Options:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import fx
 
 from graphopt.options import Options
+
+if TYPE_CHECKING:
+    from graphopt.cache import TuningCache
 
 GraphKind = Literal["forward", "backward", "inference"]
 
@@ -45,6 +48,7 @@ class PassContext:
     kind: GraphKind
     example_inputs: Sequence[Any]
     device: torch.device = torch.device("cpu")
+    cache: TuningCache | None = None  # the tuning cache, bound to this graph; None: caching off
 
 
 @dataclasses.dataclass(frozen=True)

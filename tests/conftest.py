@@ -14,3 +14,9 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _private_tuning_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty tuning cache of its own, never the user's."""
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path_factory.mktemp("graphopt-cache")))
