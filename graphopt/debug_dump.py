@@ -28,8 +28,12 @@ def write_graph_records(debug_dir: str, graph_name: str, gm: fx.GraphModule, rec
         f.write(readable(gm))
     for index, record in enumerate(records, start=1):
         with open(os.path.join(folder, f"{index:02d}_{_safe(record.name)}.py"), "w") as f:
-            f.write(f"# graph {graph_name} after pass {record.name!r} ({record.seconds * 1e3:.1f} ms)\n")
-            for line in record.report.summary().splitlines():
-                f.write(f"# report: {line}\n")
-            f.write(readable(record.after))
+            f.write(record_text(graph_name, record))
     return folder
+
+
+def record_text(graph_name: str, record: PassRecord) -> str:
+    """The graph after one pass as Python, with the pass's time and report in a header comment."""
+    header = f"# graph {graph_name} after pass {record.name!r} ({record.seconds * 1e3:.1f} ms)\n"
+    header += "".join(f"# report: {line}\n" for line in record.report.summary().splitlines())
+    return header + readable(record.after)

@@ -8,9 +8,11 @@ keeps its report; with `debug_dir` set the records are written out as files.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -82,6 +84,23 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, gm.__class__.__name__)
 
 
+PassSelector = Callable[[Sequence[tuple[str, GraphPass]], PassContext], Sequence[tuple[str, GraphPass]]]
+
+# `graphopt bisect`'s lever, for the CLI and tests only: deliberately not an option, so it
+# never reaches users or the tuning-cache key. Set through `selecting_passes`.
+_pass_selector: contextvars.ContextVar[PassSelector | None] = contextvars.ContextVar("graphopt_pass_selector", default=None)
+
+
+@contextlib.contextmanager
+def selecting_passes(select: PassSelector) -> Iterator[None]:
+    """Inside the block, every pipeline runs `select(passes, ctx)` instead of `passes`."""
+    token = _pass_selector.set(select)
+    try:
+        yield
+    finally:
+        _pass_selector.reset(token)
+
+
 @dataclasses.dataclass
 class PipelineResult:
     gm: fx.GraphModule
@@ -94,6 +113,9 @@ def run_pipeline(
     """Run `passes` (default: graph_passes(ctx.options)) in order, recording each one."""
     if passes is None:
         passes = graph_passes(ctx.options)
+    select = _pass_selector.get()
+    if select is not None:
+        passes = select(passes, ctx)
     records: list[PassRecord] = []
     current = gm
     for name, graph_pass in passes:
@@ -107,6 +129,9 @@ def run_pipeline(
         from graphopt.debug_dump import write_graph_records
 
         write_graph_records(ctx.options.debug_dir, ctx.graph_name, gm, records)
+    from graphopt.structured_trace import trace_graph_records
+
+    trace_graph_records(ctx.graph_name, gm, records)
     return PipelineResult(current, records)
 
 

@@ -1,0 +1,96 @@
+"""`graphopt explain SCRIPT.py [args]`: what graphopt did to every graph a script compiled."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from graphopt.cli_script import check_script
+from graphopt.run_record import human_bytes, observe_script, run_summary
+
+HELP = "run a script with graphopt as the backend; print graph breaks, passes, fallbacks, cache use"
+EXAMPLE = """example:
+  graphopt explain train.py --steps 2
+  graphopt explain --force-backend infer.py     # compile with graphopt even where the script asks for inductor
+"""
+
+
+RUNS_SCRIPT = True  # arguments graphopt does not know go to the script
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "%(prog)s [-h] [--force-backend] SCRIPT.py [script args ...]"
+    parser.add_argument("script", help="the Python script to run (it calls torch.compile itself)")
+    parser.add_argument(
+        "--force-backend", action="store_true", help="make every torch.compile in the script use graphopt"
+    )
+
+
+def _ops_line(counts: dict[str, int], limit: int = 8) -> str:
+    total = sum(counts.values())
+    shown = ", ".join(f"{name.removeprefix('aten.')} x{n}" for name, n in list(counts.items())[:limit])
+    more = f", ... ({len(counts) - limit} more kinds)" if len(counts) > limit else ""
+    return f"{total} ops: {shown}{more}" if total else "0 ops"
+
+
+def render_graph(graph: dict[str, Any]) -> Tree:
+    title = f"[bold]{graph['name']}[/bold] ({graph['kind']})"
+    tree = Tree(title)
+    if graph["error"]:
+        tree.add(f"[red]pipeline failed, graph runs as eager ATen:[/red] {graph['error']}")
+    tree.add(f"input:  {_ops_line(graph['ops_in'])}")
+    tree.add(f"output: {_ops_line(graph['ops_out'])}")
+    passes = tree.add("passes")
+    for record in graph["passes"]:
+        passes.add(f"[cyan]{record['name']}[/cyan] {record['seconds'] * 1e3:.1f} ms: {record['summary']}")
+    if graph["kernels"]:
+        kernels = tree.add(f"kernels ({len(graph['kernels'])})")
+        for kernel in graph["kernels"]:
+            cost = kernel["cost"]
+            estimate = f", predicted {cost['seconds'] * 1e6:.1f} us" if isinstance(cost, dict) and "seconds" in cost else ""
+            kernels.add(f"{kernel['name']}: {len(kernel['original_nodes'])} nodes{estimate}")
+    if graph["memory"]:
+        peak = max(live for _, live in graph["memory"])
+        tree.add(f"live memory in node order: peak {human_bytes(peak)} (estimate from shapes)")
+    if graph["cache"]:
+        lookups = ", ".join(f"{ns}: {c['hits']} hit / {c['misses']} miss" for ns, c in graph["cache"].items())
+        tree.add(f"tuning cache: {lookups}")
+    else:
+        tree.add("tuning cache: no lookups")
+    return tree
+
+
+def render(summary: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]{summary['script']}[/bold]: {len(summary['graphs'])} graph(s) compiled by graphopt "
+                  f"in {summary['seconds']:.1f} s")
+    breaks = summary["graph_breaks"]
+    if breaks:
+        table = Table(title=f"graph breaks ({sum(breaks.values())})", show_lines=False)
+        table.add_column("count", justify="right")
+        table.add_column("reason")
+        for reason, count in sorted(breaks.items(), key=lambda item: -item[1]):
+            table.add_row(str(count), reason.strip().splitlines()[0])
+        console.print(table)
+    else:
+        console.print("graph breaks: none")
+    for graph in summary["graphs"]:
+        console.print(render_graph(graph))
+    if summary["fallbacks"]:
+        table = Table(title="eager fallbacks")
+        for column in ("op", "reason", "times"):
+            table.add_column(column)
+        for f in summary["fallbacks"]:
+            table.add_row(f["op"], f["reason"], str(f["count"]))
+        console.print(table)
+    else:
+        console.print("eager fallbacks: none")
+
+
+def main(args: argparse.Namespace, console: Console) -> int:
+    script = check_script(args.script)
+    render(run_summary(observe_script(script, args.args, force_backend=args.force_backend)), console)
+    return 0
