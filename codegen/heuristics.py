@@ -1,0 +1,50 @@
+"""Launch configurations (block sizes, warps) of generated kernels.
+
+One function per kernel shape, both pure functions of the sizes, so the cost
+model can replace them (or an autotuner can sweep around them) without
+touching code generation. The numbers follow what saturates HBM on H100-class
+GPUs: pointwise blocks of 1024 elements over 4 warps (8 elements, two 128-bit
+accesses per thread for fp32), reduction blocks of about 4096 elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import triton
+
+# Reduced extents up to this many elements stay in registers (one block per row).
+PERSISTENT_REDUCTION_MAX = 4096
+# Reductions across rows (strided) stay persistent only this short.
+COLUMN_PERSISTENT_MAX = 64
+# Elements of one reduction block (XBLOCK * RBLOCK) the heuristics aim for.
+REDUCTION_BLOCK_ELEMENTS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    persistent: bool
+    xblock: int
+    rblock: int
+    num_warps: int
+
+
+def pointwise_config(xnumel: int) -> LaunchConfig:
+    xblock = min(1024, max(16, triton.next_power_of_2(xnumel)))
+    num_warps = max(1, min(4, xblock // 128))
+    return LaunchConfig(False, xblock, 1, num_warps)
+
+
+def reduction_config(xnumel: int, rnumel: int, inner: bool) -> LaunchConfig:
+    """`inner`: the reduced elements of a row are adjacent in memory (the usual last-dim case)."""
+    # Across rows (not inner) a block must span many rows to read whole memory segments.
+    if rnumel <= (PERSISTENT_REDUCTION_MAX if inner else COLUMN_PERSISTENT_MAX):
+        rblock = max(2, triton.next_power_of_2(rnumel))
+        xblock = max(1, min(REDUCTION_BLOCK_ELEMENTS // rblock, triton.next_power_of_2(xnumel), 64 if inner else 128))
+        persistent = True
+    elif inner:
+        xblock, rblock, persistent = 1, 2048, False
+    else:
+        xblock, rblock, persistent = max(1, min(64, triton.next_power_of_2(xnumel))), 64, False
+    num_warps = max(1, min(16, (xblock * rblock) // 256))
+    return LaunchConfig(persistent, xblock, rblock, num_warps)

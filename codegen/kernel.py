@@ -1,0 +1,632 @@
+"""One fusion group -> the source of one Triton kernel.
+
+`analyze` decides the group's iteration space and checks that every node can
+be generated (it raises CannotGenerate naming the node and the reason, which is
+how the fusion pass learns that a candidate group is illegal). `render` writes
+the kernel.
+
+Iteration space. A pointwise kernel walks its outputs' shape with one linear
+index `xindex` (contiguous 1-D blocks, so loads and stores vectorize). A
+reduction kernel walks its reductions' input shape split into kept dims
+(`xindex`, rows) and reduced dims (`rindex`), with 2-D [XBLOCK, RBLOCK] blocks.
+Values are computed where they are needed: a node is evaluated at an index,
+its operands at the index that broadcasting or the view maps give, loads at
+the address the strides give. Values that depend only on the row are computed
+once per row ("x level"), values that vary along the reduction per element
+("xr level").
+
+Two shapes of reduction kernel: persistent (the whole reduced extent is one
+block in registers; every reduction, prologue and epilogue works on it without
+re-reading memory) and looped (one loop over the reduced extent per reduction
+depth, recomputing the prologue each time; for rows too long for registers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+
+from graphopt.codegen import compiler, lowerings
+from graphopt.codegen.indexing import (
+    RINDEX,
+    VIEW_INDEX_MAPS,
+    XINDEX,
+    Index,
+    IndexingError,
+    broadcast_index,
+    delinearize,
+    offset,
+    print_index,
+    product,
+    same_shape,
+    shape_of,
+    simplify_index,
+    strides_of,
+)
+
+aten = torch.ops.aten
+
+
+# The jit function's name in every source: identical groups (say, the same layer norm in every
+# transformer block) render identical sources and share one compiled kernel.
+KERNEL_NAME = "kernel"
+
+
+# Triton's interpreter has no libdevice; under it kernels use numpy-backed stand-ins.
+_LIBDEVICE_IMPORT = {
+    False: "from triton.language.extra import libdevice",
+    True: "from graphopt.codegen import interpreter_libdevice as libdevice",
+}
+
+
+class CannotGenerate(Exception):
+    """A group (or one node of it) has no Triton lowering; `node` names the culprit where known."""
+
+    def __init__(self, reason: str, node: fx.Node | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.node = node
+
+
+def node_kind(node: fx.Node) -> str:
+    """'pointwise', 'reduction', 'view', 'cast', 'constant' for ops codegen knows, else 'extern'."""
+    if node.op != "call_function":
+        return "extern"
+    target = node.target
+    if target in lowerings.REDUCTIONS:
+        return "reduction"
+    if target in VIEW_INDEX_MAPS:
+        return "view"
+    if target in lowerings.CASTS:
+        return "cast"
+    if target in lowerings.CONSTANTS:
+        return "constant"
+    if target in lowerings.POINTWISE:
+        return "pointwise"
+    return "extern"
+
+
+def is_scalar_node(node: Any) -> bool:
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """The iteration space: `shape`, of which `reduced` dims are walked by rindex (none: pointwise)."""
+
+    shape: Index
+    reduced: tuple[int, ...]
+
+    @property
+    def is_reduction(self) -> bool:
+        return bool(self.reduced)
+
+    @property
+    def x_shape(self) -> Index:
+        return tuple(s for d, s in enumerate(self.shape) if d not in self.reduced)
+
+    @property
+    def r_shape(self) -> Index:
+        return tuple(self.shape[d] for d in self.reduced)
+
+    @property
+    def xnumel(self) -> sympy.Expr:
+        return product(self.x_shape)
+
+    @property
+    def rnumel(self) -> sympy.Expr:
+        return product(self.r_shape)
+
+    def full_index(self) -> Index:
+        xs = iter(delinearize(XINDEX, self.x_shape))
+        rs = iter(delinearize(RINDEX, self.r_shape))
+        return tuple(next(rs) if d in self.reduced else next(xs) for d in range(len(self.shape)))
+
+    def row_shape(self, keepdim: bool) -> Index:
+        if keepdim:
+            return tuple(sympy.Integer(1) if d in self.reduced else s for d, s in enumerate(self.shape))
+        return self.x_shape
+
+    def row_index(self, keepdim: bool) -> Index:
+        xs = delinearize(XINDEX, self.x_shape)
+        if not keepdim:
+            return xs
+        it = iter(xs)
+        return tuple(sympy.Integer(0) if d in self.reduced else next(it) for d in range(len(self.shape)))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """A generatable group: its nodes (topological), external inputs, outputs and iteration space.
+
+    `roles[i]` says where output i lives: "full" (the whole domain) or "row" (one value per
+    row of a reduction; `keepdims[i]` tells which row shape). `symbols` are the size symbols
+    the kernel takes as arguments.
+    """
+
+    name: str
+    nodes: tuple[fx.Node, ...]
+    inputs: tuple[fx.Node, ...]
+    outputs: tuple[fx.Node, ...]
+    domain: Domain
+    roles: tuple[str, ...]
+    keepdims: tuple[bool, ...]
+    symbols: tuple[sympy.Symbol, ...]
+
+    @property
+    def tensor_inputs(self) -> list[fx.Node]:
+        return [n for n in self.inputs if not is_scalar_node(n)]
+
+    @property
+    def scalar_inputs(self) -> list[fx.Node]:
+        return [n for n in self.inputs if is_scalar_node(n)]
+
+
+def _reduction_domain(node: fx.Node) -> tuple[Domain, bool]:
+    source = node.args[0]
+    shape = shape_of(source)
+    dims, keepdim = lowerings.reduction_dims(node.target, node.args, node.kwargs, len(shape))
+    return Domain(shape, dims), keepdim
+
+
+def analyze(name: str, nodes: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> KernelSpec:
+    """Check that `nodes` form one kernel and describe it; raise CannotGenerate if not."""
+    members = set(nodes)
+    inputs: list[fx.Node] = []
+    for node in nodes:
+        kind = node_kind(node)
+        if kind == "extern":
+            raise CannotGenerate(f"no Triton lowering for {node.target}", node)
+        _check_dtype(node)
+        for arg in node.all_input_nodes:
+            if arg not in members and arg not in inputs:
+                inputs.append(arg)
+    if not outputs:
+        raise CannotGenerate("group has no outputs")
+    reductions = [n for n in nodes if node_kind(n) == "reduction"]
+    if reductions:
+        domain, _ = _reduction_domain(reductions[0])
+        for r in reductions[1:]:
+            other, _ = _reduction_domain(r)
+            if not same_shape(other.shape, domain.shape) or other.reduced != domain.reduced:
+                raise CannotGenerate("reductions over different iteration spaces", r)
+    else:
+        domain = Domain(shape_of(outputs[0]), ())
+    roles, keepdims = [], []
+    for out in outputs:
+        if node_kind(out) == "view":
+            raise CannotGenerate("a view cannot be a kernel output (it would lose its aliasing)", out)
+        shape = shape_of(out)
+        if same_shape(shape, domain.shape):
+            roles.append("full")
+            keepdims.append(True)
+        elif domain.is_reduction and same_shape(shape, domain.row_shape(True)):
+            roles.append("row")
+            keepdims.append(True)
+        elif domain.is_reduction and same_shape(shape, domain.row_shape(False)):
+            roles.append("row")
+            keepdims.append(False)
+        else:
+            raise CannotGenerate("output shape does not match the kernel's iteration space", out)
+    spec = KernelSpec(name, tuple(nodes), tuple(inputs), tuple(outputs), domain, tuple(roles), tuple(keepdims), ())
+    symbols = _Emitter(spec, persistent=True, index64=False).emit().symbols
+    return dataclasses.replace(spec, symbols=tuple(sorted(symbols, key=str)))
+
+
+def _check_dtype(node: fx.Node) -> None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise CannotGenerate("not a tensor value", node)
+    if val.dtype not in lowerings.TRITON_DTYPES:
+        raise CannotGenerate(f"dtype {val.dtype} has no Triton equivalent", node)
+    if val.device.type == "meta":
+        raise CannotGenerate("meta tensor", node)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Value:
+    """A Triton expression; level 0 scalar, 1 per row (x), 2 per element (xr). dtype None: weak scalar."""
+
+    expr: str
+    dtype: torch.dtype | None
+    level: int
+
+
+@dataclasses.dataclass
+class RenderedKernel:
+    source: str
+    symbols: set[sympy.Symbol]
+
+
+@functools.lru_cache(maxsize=None)
+def _positional_count(fn: Any) -> int:
+    return sum(
+        1 for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
+
+
+def _normalized_args(node: fx.Node) -> list[Any]:
+    """All schema arguments of `node` in positional order (kwargs and defaults filled in)."""
+    schema = node.target._schema
+    args = []
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            args.append(node.args[i])
+        elif arg.name in node.kwargs:
+            args.append(node.kwargs[arg.name])
+        else:
+            args.append(arg.default_value if arg.has_default_value() else None)
+    return args
+
+
+@functools.lru_cache(maxsize=None)
+def _promoted(kinds: tuple[Any, ...]) -> torch.dtype:
+    """torch's type promotion over tensor dtypes and Python scalar types (weaker than tensors)."""
+    dtypes = [k for k in kinds if isinstance(k, torch.dtype)]
+    if not dtypes:
+        return torch.float32
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    for scalar_type in (k for k in kinds if not isinstance(k, torch.dtype)):
+        dtype = torch.result_type(torch.empty(1, dtype=dtype), scalar_type(1))
+    return dtype
+
+
+class _Emitter:
+    """Writes one kernel variant. Caches values per (node, index) within their scope."""
+
+    def __init__(self, spec: KernelSpec, persistent: bool, index64: bool):
+        self.spec = spec
+        self.members = set(spec.nodes)
+        self.persistent = persistent
+        self.index64 = index64
+        self.reduction = spec.domain.is_reduction
+        self.counter = 0
+        self.symbols: set[sympy.Symbol] = set()
+        self.row_cache: dict[tuple, _Value] = {}
+        self.elem_cache: dict[tuple, _Value] = {}
+        self.reduced: dict[fx.Node, _Value] = {}
+        self.body: list[str] = []  # finished code, indent 1
+        self.row_block: list[str] = []  # current per-row section
+        self.elem_block: list[str] = []  # current per-element section (loop body when looped)
+        self.input_names = {n: f"in_ptr{i}" for i, n in enumerate(spec.tensor_inputs)}
+        self.scalar_names = {n: f"ks{i}" for i, n in enumerate(spec.scalar_inputs)}
+
+    # ------------------------------------------------------------ helpers
+    def fresh(self) -> str:
+        self.counter += 1
+        return f"tmp{self.counter}"
+
+    def index_str(self, expr: sympy.Expr) -> str:
+        expr = simplify_index(expr)
+        self.symbols |= {s for s in expr.free_symbols if s not in (XINDEX, RINDEX)}
+        return print_index(expr)
+
+    def put(self, expr: str, dtype: torch.dtype | None, level: int) -> _Value:
+        name = self.fresh()
+        block = self.elem_block if level == 2 else self.row_block
+        block.append(f"{name} = {expr}")
+        return _Value(name, dtype, level)
+
+    def block_shape(self, level: int) -> str:
+        if not self.reduction:
+            return "[XBLOCK]"
+        return "[XBLOCK, RBLOCK]" if level == 2 else "[XBLOCK, 1]"
+
+    def widen(self, value: _Value, level: int, dtype: torch.dtype) -> str:
+        """`value` as a block of `level`'s shape in `dtype` (for stores and reductions)."""
+        expr = lowerings.cast(value.expr, value.dtype, dtype) if value.dtype is not None else value.expr
+        if value.level < level or value.level == 0:
+            return f"(tl.zeros({self.block_shape(level)}, {lowerings.TRITON_DTYPES[dtype]}) + {expr})"
+        return expr
+
+    def mask(self, level: int) -> str:
+        return "xrmask" if level == 2 else "xmask"
+
+    # ------------------------------------------------------------ values
+    def value(self, node: Any, index: Index) -> _Value:
+        if isinstance(node, str):
+            return _Value(node, None, 0)
+        if not isinstance(node, fx.Node):
+            try:
+                return _Value(lowerings.literal(node), None, 0)
+            except TypeError:
+                raise CannotGenerate(f"argument {node!r} is not a scalar") from None
+        if node in self.scalar_names:
+            return _Value(self.scalar_names[node], None, 0)
+        key = (node, index)
+        cached = self.elem_cache.get(key) or self.row_cache.get(key)
+        if cached is not None:
+            return cached
+        if node not in self.members:
+            result = self.load(node, index)
+        else:
+            kind = node_kind(node)
+            try:
+                if kind == "view":
+                    result = self.value(node.args[0], VIEW_INDEX_MAPS[node.target](node, index))
+                elif kind == "reduction":
+                    result = self.reduction_value(node, index)
+                elif kind == "cast":
+                    result = self.cast(node, index)
+                elif kind == "constant":
+                    result = self.constant(node, index)
+                else:
+                    result = self.pointwise(node, index)
+            except IndexingError as e:
+                raise CannotGenerate(str(e), node) from None
+        (self.elem_cache if result.level == 2 else self.row_cache)[key] = result
+        return result
+
+    def load(self, node: fx.Node, index: Index) -> _Value:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise CannotGenerate(f"input {node.name} is not a tensor")
+        off = simplify_index(offset(index, strides_of(node), shape_of(node)))
+        free = off.free_symbols
+        level = 2 if RINDEX in free else 1 if XINDEX in free else 0
+        ptr = f"{self.input_names[node]} + {self.index_str(off)}"
+        expr = f"tl.load({ptr}, {self.mask(level)}, other=0)" if level else f"tl.load({ptr})"
+        dtype = lowerings.compute_dtype(val.dtype)
+        expr = lowerings.cast(expr, val.dtype, dtype)
+        return self.put(expr, dtype, level)
+
+    def operand(self, arg: Any, node: fx.Node, index: Index) -> _Value:
+        if isinstance(arg, fx.Node) and not is_scalar_node(arg):
+            return self.value(arg, broadcast_index(index, shape_of(node), shape_of(arg)))
+        return self.value(arg, ())
+
+    def pointwise(self, node: fx.Node, index: Index) -> _Value:
+        lowering = lowerings.POINTWISE[node.target]
+        out_dtype = lowerings.compute_dtype(node.meta["val"].dtype)
+        args = _normalized_args(node)[: _positional_count(lowering.emit)]
+        operands = [self.operand(a, node, index) if a is not None else None for a in args]
+        if lowering.operands == "promoted":
+            target = _promoted(
+                tuple(
+                    v.dtype if v.dtype is not None else type(a)
+                    for v, a in zip(operands, args)
+                    if v is not None and (v.dtype is not None or isinstance(a, (int, float, bool)))
+                )
+            )
+            target = lowerings.compute_dtype(target)
+        elif lowering.operands == "bool":
+            target = torch.bool
+        else:
+            target = out_dtype
+        exprs = []
+        for pos, (v, a) in enumerate(zip(operands, args)):
+            if v is None:
+                exprs.append(None)
+            elif v.dtype is None:
+                exprs.append(v.expr)
+            elif lowering.operands == "as_is":  # where(cond, a, b)
+                exprs.append(lowerings.cast(v.expr, v.dtype, torch.bool if pos == 0 else out_dtype))
+            else:
+                exprs.append(lowerings.cast(v.expr, v.dtype, target))
+        level = max((v.level for v in operands if v is not None), default=0)
+        return self.put(lowering.emit(*exprs), out_dtype, level)
+
+    def cast(self, node: fx.Node, index: Index) -> _Value:
+        target = node.meta["val"].dtype
+        source = node.args[0]
+        if node.target == aten._to_copy.default:
+            device = node.kwargs.get("device")
+            if device is not None and torch.device(device) != source.meta["val"].device:
+                raise CannotGenerate("copy to another device", node)
+        v = self.operand(source, node, index)
+        compute = lowerings.compute_dtype(target)
+        if v.dtype is None:
+            return self.put(v.expr, None, v.level)
+        expr = lowerings.cast(v.expr, v.dtype, target)
+        if target != compute:  # round to fp16/bf16 as the graph asks, keep computing in fp32
+            expr = lowerings.cast(expr, target, compute)
+        return self.put(expr, compute, v.level)
+
+    def constant(self, node: fx.Node, index: Index) -> _Value:
+        dtype = node.meta["val"].dtype
+        compute = lowerings.compute_dtype(dtype)
+        if node.target == torch.ops.prims.iota.default:
+            start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)
+            if len(node.args) > 1:
+                start, step = node.args[1], node.args[2]
+            expr = sympy.Integer(start) + index[0] * sympy.Integer(step)
+            level = 2 if RINDEX in expr.free_symbols else 1 if XINDEX in expr.free_symbols else 0
+            if level == 0:
+                return _Value(lowerings.literal(int(expr)), None, 0)
+            index_dtype = torch.int64 if self.index64 else torch.int32
+            return self.put(lowerings.cast(f"({self.index_str(expr)})", index_dtype, compute), compute, level)
+        value = lowerings.constant_value(node.target, node.args, node.kwargs)
+        if isinstance(value, fx.Node):
+            return self.value(value, ())
+        if dtype == torch.bool:
+            value = bool(value)
+        elif dtype.is_floating_point:
+            value = float(value)
+        else:
+            value = int(value)
+        return _Value(lowerings.literal(value), None, 0)
+
+    def reduction_value(self, node: fx.Node, index: Index) -> _Value:
+        domain = self.spec.domain
+        _, keepdim = _reduction_domain(node)
+        if index != domain.row_index(keepdim):
+            raise CannotGenerate("reduction result read at another row than its own", node)
+        if node not in self.reduced:
+            raise CannotGenerate("reduction read before it is computed", node)
+        return self.reduced[node]
+
+    def accumulate(self, node: fx.Node) -> str:
+        """Emit the per-element part of a reduction; returns its accumulator (looped) or masked block."""
+        spec = lowerings.REDUCTIONS[node.target]
+        dtype = lowerings.compute_dtype(node.meta["val"].dtype)
+        v = self.value(node.args[0], self.spec.domain.full_index())
+        block = self.widen(v, 2, dtype)
+        neutral = _neutral(spec, dtype)
+        if self.persistent:
+            return self.put(f"tl.where(xrmask, {block}, {neutral})", dtype, 2).expr
+        acc = self.fresh()
+        tl_dtype = lowerings.TRITON_DTYPES[dtype]
+        self.row_block.append(f"{acc} = tl.full([XBLOCK, RBLOCK], {neutral}, {tl_dtype})")
+        combined = {
+            "tl.sum": f"{acc} + {block}",
+            "tl.max": f"tl.maximum({acc}, {block})",
+            "tl.min": f"tl.minimum({acc}, {block})",
+        }[spec.combine]
+        self.elem_block.append(f"{acc} = tl.where(xrmask, {combined}, {acc})")
+        return acc
+
+    def finish_reduction(self, node: fx.Node, acc: str) -> _Value:
+        spec = lowerings.REDUCTIONS[node.target]
+        dtype = lowerings.compute_dtype(node.meta["val"].dtype)
+        expr = f"{spec.combine}({acc}, 1)[:, None]"
+        if spec.mean:
+            expr = f"({expr} / rnumel)"
+        self.reduced[node] = result = self.put(expr, dtype, 1)
+        return result
+
+    # ------------------------------------------------------------ structure
+    def store(self, position: int, out: fx.Node, level: int) -> None:
+        index = self.spec.domain.full_index() if level == 2 else self.spec.domain.row_index(self.spec.keepdims[position])
+        if not self.reduction:
+            index = self.spec.domain.full_index()
+        v = self.value(out, index)
+        val = out.meta["val"]
+        off = simplify_index(offset(index, strides_of(out), shape_of(out)))
+        off_str = self.index_str(off)
+        if XINDEX not in off.free_symbols:
+            off_str += " + 0 * xindex"
+        if level == 2 and RINDEX not in off.free_symbols:
+            off_str += " + 0 * rindex"
+        block = self.widen(v, level, lowerings.compute_dtype(val.dtype))
+        block = lowerings.cast(block, lowerings.compute_dtype(val.dtype), val.dtype)
+        target = self.elem_block if level == 2 else self.row_block
+        target.append(f"tl.store(out_ptr{position} + {off_str}, {block}, {self.mask(level)})")
+
+    def flush(self, lines: list[str], indent: int) -> None:
+        self.body.extend("    " * indent + line for line in lines)
+        lines.clear()
+
+    def emit(self) -> RenderedKernel:
+        spec = self.spec
+        if not self.reduction:
+            self.row_block = self.elem_block = []
+            for position, out in enumerate(spec.outputs):
+                self.store(position, out, 1)
+            self.flush(self.row_block, 1)
+            return RenderedKernel(self.source(), self.symbols)
+        depth = _reduction_depths(spec.nodes, self.members)
+        phases = sorted({depth[n] for n in spec.nodes if node_kind(n) == "reduction"})
+        full_outputs = [(p, o) for p, o in enumerate(spec.outputs) if spec.roles[p] == "full"]
+        last = max(phases) + 1
+        for phase in [*phases, last]:
+            reductions = [n for n in spec.nodes if node_kind(n) == "reduction" and depth[n] == phase]
+            stores = [(p, o) for p, o in full_outputs if _store_phase(depth[o], phases, last) == phase]
+            if not reductions and not stores:
+                continue
+            if not self.persistent:
+                self.elem_block = []
+                self.elem_cache = {}
+            else:
+                self.elem_block = self.row_block
+            accs = [(r, self.accumulate(r)) for r in reductions]
+            for position, out in stores:
+                self.store(position, out, 2)
+            if not self.persistent:
+                self.flush(self.row_block, 1)
+                self.body.append("    for roffset in range(0, rnumel, RBLOCK):")
+                self.body.append("        rindex = roffset + rbase")
+                self.body.append("        rmask = rindex < rnumel")
+                self.body.append("        xrmask = xmask & rmask")
+                self.flush(self.elem_block, 2)
+            for r, acc in accs:
+                self.finish_reduction(r, acc)
+        for position, out in enumerate(spec.outputs):
+            if spec.roles[position] == "row":
+                self.store(position, out, 1)
+        self.flush(self.row_block, 1)
+        return RenderedKernel(self.source(), self.symbols)
+
+    def source(self) -> str:
+        spec = self.spec
+        params = [*self.input_names.values(), *(f"out_ptr{i}" for i in range(len(spec.outputs)))]
+        params += list(self.scalar_names.values())
+        params += [str(s) for s in spec.symbols or sorted(self.symbols, key=str)]
+        params += ["xnumel", "rnumel", "XBLOCK: tl.constexpr"]
+        if self.reduction:
+            params.append("RBLOCK: tl.constexpr")
+        pid = "tl.program_id(0).to(tl.int64)" if self.index64 else "tl.program_id(0)"
+        head = [f"    xoffset = {pid} * XBLOCK"]
+        if self.reduction:
+            head.append("    xindex = xoffset + tl.arange(0, XBLOCK)[:, None]")
+            head.append("    xmask = xindex < xnumel")
+            rbase = "tl.arange(0, RBLOCK)[None, :]" + (".to(tl.int64)" if self.index64 else "")
+            head.append(f"    rbase = {rbase}")
+            if self.persistent:
+                head += ["    rindex = rbase", "    rmask = rindex < rnumel", "    xrmask = xmask & rmask"]
+        else:
+            head.append("    xindex = xoffset + tl.arange(0, XBLOCK)")
+            head.append("    xmask = xindex < xnumel")
+        lines = [
+            "import triton",
+            "import triton.language as tl",
+            _LIBDEVICE_IMPORT[compiler.interpreting()],
+            "",
+            "",
+            "@triton.jit",
+            f"def {KERNEL_NAME}({', '.join(params)}):",
+            *head,
+            *self.body,
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def _store_phase(depth: int, phases: list[int], last: int) -> int:
+    """The first loop at or after `depth` (full outputs are stored in a loop that exists anyway)."""
+    return next((p for p in phases if p >= depth), last)
+
+
+def _neutral(spec: lowerings.Reduction, dtype: torch.dtype) -> str:
+    if spec.combine == "tl.sum" or dtype.is_floating_point:
+        return spec.neutral
+    info = torch.iinfo(dtype) if dtype != torch.bool else None
+    if info is None:
+        return "0" if spec.combine == "tl.max" else "1"
+    return str(info.min if spec.combine == "tl.max" else info.max)
+
+
+def _reduction_depths(nodes: Sequence[fx.Node], members: set[fx.Node]) -> dict[fx.Node, int]:
+    """For each node, how many reductions of the group lie on its longest path from the inputs."""
+    depth: dict[fx.Node, int] = {}
+    for node in nodes:
+        d = 0
+        for arg in node.all_input_nodes:
+            if arg in members:
+                d = max(d, depth[arg] + (1 if node_kind(arg) == "reduction" else 0))
+        depth[node] = d
+    return depth
+
+
+def render(spec: KernelSpec, persistent: bool, index64: bool) -> str:
+    """The Triton source of one variant of `spec`'s kernel."""
+    return _Emitter(spec, persistent, index64).emit().source
+
+
+def input_bytes_and_output_bytes(spec: KernelSpec) -> tuple[sympy.Expr, sympy.Expr]:
+    """Bytes the kernel reads and writes at least once (sizes as sympy)."""
+
+    def nbytes(node: fx.Node) -> sympy.Expr:
+        val = node.meta["val"]
+        return product(shape_of(node)) * val.element_size()
+
+    read = sympy.Add(*(nbytes(n) for n in spec.tensor_inputs))
+    written = sympy.Add(*(nbytes(n) for n in spec.outputs))
+    return read, written
+

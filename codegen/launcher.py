@@ -1,0 +1,169 @@
+"""The callable a fused graph node runs: sizes, output buffers, launch.
+
+`FusedKernel` is the primary of a fused node's GuardedCall. It carries what the
+fusion report and the CLI show (Triton source, original nodes, cost estimate)
+and a small generated Python function that, per call, reads the size symbols
+off its inputs, allocates outputs with exactly the layout the graph's
+meta['val'] promised (torch.empty_strided), and launches the kernel with a
+configuration chosen for the actual sizes. Kernel variants (persistent or
+looped reduction, 32- or 64-bit indexing) are rendered and compiled on first
+use, once per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import sympy
+import torch
+import triton
+
+from graphopt.codegen import compiler, heuristics
+from graphopt.codegen.indexing import print_index, shape_of, strides_of
+from graphopt.codegen.kernel import KERNEL_NAME, KernelSpec, is_scalar_node, render
+
+_INT32_LIMIT = 2**31
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCost:
+    """The fusion pass's estimate for one kernel, at the sizes seen at compile time."""
+
+    bytes_moved: int
+    seconds: float
+    source: str  # which model produced it
+
+
+def relayout(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """`t` with the strides the kernel was generated for (copied only if they differ where it matters)."""
+    actual = t.stride()
+    if actual == stride or all(a == s or n == 1 for a, s, n in zip(actual, stride, t.shape)):
+        return t
+    out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
+def describe_node(node: Any) -> str:
+    args = ", ".join(str(a) for a in node.args)
+    return f"{node.name} = {node.target}({args})"
+
+
+class FusedKernel:
+    """Launches one generated kernel; `triton_source` is its default variant."""
+
+    def __init__(self, spec: KernelSpec, cost: KernelCost | None):
+        self.spec = spec
+        self.name = spec.name
+        self.cost = cost
+        self.original_nodes = tuple(describe_node(n) for n in spec.nodes)
+        self.inner_reduction = spec.domain.is_reduction and (len(spec.domain.shape) - 1) in spec.domain.reduced
+        self.launcher_source = _launcher_source(spec)
+        namespace = {"torch": torch, "relayout": relayout, "run": self._run}
+        exec(compile(self.launcher_source, f"<graphopt launcher {self.name}>", "exec"), namespace)
+        self._launch = namespace["launch"]
+        self._variants: dict[tuple[bool, bool], Any] = {}
+        self.launches = 0
+
+    @property
+    def triton_source(self) -> str:
+        return self.source(persistent=True, index64=False)
+
+    def source(self, persistent: bool, index64: bool) -> str:
+        return render(self.spec, persistent, index64)
+
+    def _kernel(self, persistent: bool, index64: bool) -> Any:
+        key = (persistent, index64)
+        fn = self._variants.get(key)
+        if fn is None:
+            fn = self._variants[key] = compiler.load_kernel(self.source(persistent, index64), KERNEL_NAME)
+        return fn
+
+    def _run(self, args: tuple[Any, ...], xnumel: int, rnumel: int) -> None:
+        if xnumel == 0:
+            return
+        self.launches += 1
+        if self.spec.domain.is_reduction:
+            config = heuristics.reduction_config(xnumel, rnumel, self.inner_reduction)
+        else:
+            config = heuristics.pointwise_config(xnumel)
+        index64 = xnumel * rnumel >= _INT32_LIMIT or any(
+            isinstance(a, torch.Tensor) and a.numel() >= _INT32_LIMIT for a in args
+        )
+        kernel = self._kernel(config.persistent or not self.spec.domain.is_reduction, index64)
+        blocks = {"XBLOCK": config.xblock}
+        if self.spec.domain.is_reduction:
+            blocks["RBLOCK"] = config.rblock
+        kernel[(triton.cdiv(xnumel, config.xblock),)](*args, xnumel, rnumel, num_warps=config.num_warps, **blocks)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._launch(*args)
+
+    def __repr__(self) -> str:
+        return f"FusedKernel({self.name}, {len(self.spec.nodes)} nodes)"
+
+
+def _symbol_sources(spec: KernelSpec, names: dict[Any, str]) -> dict[sympy.Symbol, str]:
+    """Python expressions (over the launcher's argument names) that give each size symbol's value."""
+    sources: dict[sympy.Symbol, str] = {}
+    for node in spec.inputs:
+        if is_scalar_node(node):
+            expr = sympy.sympify(node.meta["val"].node.expr)
+            if isinstance(expr, sympy.Symbol):
+                sources.setdefault(expr, names[node])
+    for node in spec.tensor_inputs:
+        for what, values in (("shape", shape_of(node)), ("stride()", strides_of(node))):
+            for d, v in enumerate(values):
+                if isinstance(v, sympy.Symbol):
+                    sources.setdefault(v, f"{names[node]}.{what}[{d}]")
+    return sources
+
+
+def needed_symbols(spec: KernelSpec) -> set[sympy.Symbol]:
+    exprs: list[sympy.Expr] = [spec.domain.xnumel, spec.domain.rnumel, *spec.symbols]
+    for node in spec.outputs:
+        exprs += [*shape_of(node), *strides_of(node)]
+    for node in spec.tensor_inputs:
+        exprs += list(strides_of(node))
+    return set().union(*(sympy.sympify(e).free_symbols for e in exprs))
+
+
+def missing_symbols(spec: KernelSpec) -> list[str]:
+    """Size symbols the launcher could not read off its inputs (the group cannot be a kernel)."""
+    names = {node: f"a{i}" for i, node in enumerate(spec.inputs)}
+    sources = _symbol_sources(spec, names)
+    return sorted(str(s) for s in needed_symbols(spec) if s not in sources)
+
+
+def _tuple(values: Any) -> str:
+    items = [print_index(v) for v in values]
+    return "(" + "".join(f"{i}, " for i in items) + ")"
+
+
+def _launcher_source(spec: KernelSpec) -> str:
+    names = {node: f"a{i}" for i, node in enumerate(spec.inputs)}
+    sources = _symbol_sources(spec, names)
+    lines = [f"def launch({', '.join(names.values())}):"]
+    for symbol in sorted(needed_symbols(spec), key=str):
+        lines.append(f"    {symbol} = {sources[symbol]}")
+    for node in spec.tensor_inputs:
+        if len(shape_of(node)) >= 1:
+            lines.append(f"    {names[node]} = relayout({names[node]}, {_tuple(strides_of(node))})")
+    outs = []
+    for i, node in enumerate(spec.outputs):
+        val = node.meta["val"]
+        lines.append(
+            f"    o{i} = torch.empty_strided({_tuple(shape_of(node))}, {_tuple(strides_of(node))}, "
+            f"dtype={val.dtype}, device=torch.device({str(val.device)!r}))"
+        )
+        outs.append(f"o{i}")
+    kernel_args = [names[n] for n in spec.tensor_inputs] + outs + [names[n] for n in spec.scalar_inputs]
+    kernel_args += [str(s) for s in spec.symbols]
+    lines.append(f"    run({_tuple_names(kernel_args)}, {print_index(spec.domain.xnumel)}, {print_index(spec.domain.rnumel)})")
+    lines.append(f"    return {outs[0]}" if len(outs) == 1 else f"    return {_tuple_names(outs)}")
+    return "\n".join(lines) + "\n"
+
+
+def _tuple_names(names: list[str]) -> str:
+    return "(" + "".join(f"{n}, " for n in names) + ")"

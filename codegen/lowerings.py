@@ -1,0 +1,277 @@
+"""The lowering table: core ATen pointwise ops and reductions as Triton expressions.
+
+A lowering turns the Triton expressions of its operands (already converted to
+the dtype the op computes in, see `ARG_DTYPES`) into one Triton expression.
+Low-precision floats (fp16, bf16) compute in fp32 inside a kernel and are
+rounded only where the graph says so (an explicit cast) or when stored, which
+is at least as accurate as eager's per-op rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+TRITON_DTYPES = {
+    torch.float32: "tl.float32",
+    torch.float16: "tl.float16",
+    torch.bfloat16: "tl.bfloat16",
+    torch.float64: "tl.float64",
+    torch.int8: "tl.int8",
+    torch.int16: "tl.int16",
+    torch.int32: "tl.int32",
+    torch.int64: "tl.int64",
+    torch.uint8: "tl.uint8",
+    torch.bool: "tl.int1",
+}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a value of `dtype` is held in inside a kernel (fp32 for fp16/bf16)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def cast(expr: str, src: torch.dtype, dst: torch.dtype) -> str:
+    if src == dst:
+        return expr
+    if dst == torch.bool:
+        return f"({expr} != 0)"
+    return f"{expr}.to({TRITON_DTYPES[dst]})"
+
+
+def literal(value: Any) -> str:
+    """A Python scalar argument as Triton source."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return 'float("nan")'
+        if math.isinf(value):
+            return 'float("inf")' if value > 0 else 'float("-inf")'
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    raise TypeError(f"unsupported scalar {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """How one op becomes Triton.
+
+    operands: "result" casts tensor operands to the result's compute dtype (arithmetic),
+    "promoted" to the operands' common compute dtype (comparisons), "bool" to int1,
+    "as_is" leaves them alone. `emit(*operands)` returns the expression; operands are Triton
+    expressions (Python scalars as literals, strings such as a rounding mode as they are).
+    """
+
+    emit: Callable[..., str]
+    operands: str = "result"
+
+
+def _pow(a: str, b: str) -> str:
+    """Small constant exponents as multiplications (exact, and what eager's pow does for them)."""
+    try:
+        exponent = float(b)
+    except ValueError:
+        return f"libdevice.pow({a}, {b})"
+    if exponent.is_integer() and 1 <= exponent <= 4:
+        return "(" + " * ".join([a] * int(exponent)) + ")"
+    special = {0.5: f"tl.sqrt({a})", -0.5: f"tl.rsqrt({a})", -1.0: f"(1.0 / {a})"}
+    return special.get(exponent, f"libdevice.pow({a}, {b})")
+
+
+def _alpha(b: str, alpha: str | None) -> str:
+    return b if alpha in (None, "1", "1.0") else f"({b} * {alpha})"
+
+
+def _binary(op: str) -> Lowering:
+    return Lowering(lambda a, b: f"({a} {op} {b})")
+
+
+def _compare(op: str) -> Lowering:
+    return Lowering(lambda a, b: f"({a} {op} {b})", operands="promoted")
+
+
+def _unary(fn: str) -> Lowering:
+    return Lowering(lambda a: f"{fn}({a})")
+
+
+def _clamp(a: str, lo: Any = None, hi: Any = None) -> str:
+    if lo is not None:
+        a = f"tl.maximum({a}, {lo})"
+    if hi is not None:
+        a = f"tl.minimum({a}, {hi})"
+    return a
+
+
+def _where(cond: str, a: str, b: str) -> str:
+    return f"tl.where({cond}, {a}, {b})"
+
+
+def _sign(a: str) -> str:
+    return f"(({a} > 0).to({a}.dtype) - ({a} < 0).to({a}.dtype))"
+
+
+def _div_mode(a: str, b: str, rounding_mode: str | None = None) -> str:
+    if rounding_mode is None:
+        return f"({a} / {b})"
+    if rounding_mode == "trunc":
+        return f"libdevice.trunc({a} / {b})"
+    return f"tl.floor({a} / {b})"
+
+
+POINTWISE: dict[Any, Lowering] = {
+    aten.add.Tensor: Lowering(lambda a, b, alpha=1: f"({a} + {_alpha(b, alpha)})"),
+    aten.add.Scalar: Lowering(lambda a, b, alpha=1: f"({a} + {_alpha(b, alpha)})"),
+    aten.sub.Tensor: Lowering(lambda a, b, alpha=1: f"({a} - {_alpha(b, alpha)})"),
+    aten.sub.Scalar: Lowering(lambda a, b, alpha=1: f"({a} - {_alpha(b, alpha)})"),
+    aten.rsub.Scalar: Lowering(lambda a, b, alpha=1: f"({b} - {_alpha(a, alpha)})"),
+    aten.rsub.Tensor: Lowering(lambda a, b, alpha=1: f"({b} - {_alpha(a, alpha)})"),
+    aten.mul.Tensor: _binary("*"),
+    aten.mul.Scalar: _binary("*"),
+    aten.div.Tensor: _binary("/"),
+    aten.div.Scalar: _binary("/"),
+    aten.div.Tensor_mode: Lowering(_div_mode),
+    prims.div.default: _binary("/"),
+    aten.true_divide.Tensor: _binary("/"),
+    aten.maximum.default: Lowering(lambda a, b: f"tl.maximum({a}, {b})"),
+    aten.minimum.default: Lowering(lambda a, b: f"tl.minimum({a}, {b})"),
+    aten.pow.Tensor_Scalar: Lowering(_pow),
+    aten.pow.Tensor_Tensor: Lowering(lambda a, b: f"libdevice.pow({a}, {b})"),
+    aten.pow.Scalar: Lowering(lambda a, b: f"libdevice.pow({a}, {b})"),
+    aten.atan2.default: Lowering(lambda a, b: f"libdevice.atan2({a}, {b})"),
+    aten.eq.Tensor: _compare("=="),
+    aten.eq.Scalar: _compare("=="),
+    aten.ne.Tensor: _compare("!="),
+    aten.ne.Scalar: _compare("!="),
+    aten.lt.Tensor: _compare("<"),
+    aten.lt.Scalar: _compare("<"),
+    aten.le.Tensor: _compare("<="),
+    aten.le.Scalar: _compare("<="),
+    aten.gt.Tensor: _compare(">"),
+    aten.gt.Scalar: _compare(">"),
+    aten.ge.Tensor: _compare(">="),
+    aten.ge.Scalar: _compare(">="),
+    aten.logical_and.default: Lowering(lambda a, b: f"({a} & {b})", operands="bool"),
+    aten.logical_or.default: Lowering(lambda a, b: f"({a} | {b})", operands="bool"),
+    aten.logical_xor.default: Lowering(lambda a, b: f"({a} ^ {b})", operands="bool"),
+    aten.logical_not.default: Lowering(lambda a: f"({a} == 0)", operands="bool"),
+    aten.bitwise_and.Tensor: _binary("&"),
+    aten.bitwise_or.Tensor: _binary("|"),
+    aten.bitwise_xor.Tensor: _binary("^"),
+    aten.bitwise_not.default: Lowering(lambda a: f"(~{a})"),
+    aten.neg.default: Lowering(lambda a: f"(-{a})"),
+    aten.abs.default: _unary("tl.abs"),
+    aten.exp.default: _unary("tl.exp"),
+    aten.exp2.default: _unary("tl.exp2"),
+    aten.expm1.default: _unary("libdevice.expm1"),
+    aten.log.default: _unary("tl.log"),
+    aten.log2.default: _unary("tl.log2"),
+    aten.log1p.default: _unary("libdevice.log1p"),
+    aten.sqrt.default: _unary("tl.sqrt"),
+    aten.rsqrt.default: _unary("tl.rsqrt"),
+    aten.sin.default: _unary("tl.sin"),
+    aten.cos.default: _unary("tl.cos"),
+    aten.tanh.default: _unary("libdevice.tanh"),
+    aten.atan.default: _unary("libdevice.atan"),
+    aten.erf.default: _unary("tl.erf"),
+    aten.sigmoid.default: _unary("tl.sigmoid"),
+    aten.reciprocal.default: Lowering(lambda a: f"(1.0 / {a})"),
+    aten.floor.default: _unary("tl.floor"),
+    aten.ceil.default: _unary("tl.ceil"),
+    aten.trunc.default: _unary("libdevice.trunc"),
+    aten.round.default: _unary("libdevice.nearbyint"),
+    aten.sign.default: Lowering(_sign),
+    aten.sgn.default: Lowering(_sign),
+    aten.isnan.default: Lowering(lambda a: f"({a} != {a})", operands="promoted"),
+    aten.isinf.default: Lowering(lambda a: f"(tl.abs({a}) == float('inf'))", operands="promoted"),
+    aten.relu.default: Lowering(lambda a: f"tl.maximum({a}, 0)"),
+    aten.clamp.default: Lowering(_clamp),
+    aten.clamp_min.default: Lowering(lambda a, lo: _clamp(a, lo=lo)),
+    aten.clamp_max.default: Lowering(lambda a, hi: _clamp(a, hi=hi)),
+    aten.clamp.Tensor: Lowering(_clamp),
+    aten.hardtanh.default: Lowering(lambda a, lo=-1.0, hi=1.0: _clamp(a, lo, hi)),
+    aten.leaky_relu.default: Lowering(lambda a, slope=0.01: f"tl.where({a} > 0, {a}, {a} * {slope})"),
+    aten.elu.default: Lowering(
+        lambda a, alpha=1.0, scale=1.0, input_scale=1.0: (
+            f"tl.where({a} > 0, {a} * {scale}, libdevice.expm1({a} * {input_scale}) * {alpha} * {scale})"
+        )
+    ),
+    aten.where.self: Lowering(_where, operands="as_is"),
+    aten.clone.default: Lowering(lambda a, **_: a),
+    aten.alias_copy.default: Lowering(lambda a: a),
+    aten.lift_fresh_copy.default: Lowering(lambda a: a),
+    aten.copy.default: Lowering(lambda a, b, non_blocking=False: b, operands="result"),
+    aten.hardtanh_backward.default: Lowering(
+        lambda g, x, lo, hi: f"tl.where(({x} <= {lo}) | ({x} >= {hi}), 0.0, {g})"
+    ),
+    aten.leaky_relu_backward.default: Lowering(
+        lambda g, x, slope, self_is_result=False: f"tl.where({x} > 0, {g}, {g} * {slope})"
+    ),
+}
+
+# Casts: the operand keeps its own dtype; the node's dtype is the target.
+CASTS = {prims.convert_element_type.default, aten._to_copy.default}
+
+# Ops whose value comes from their arguments alone: fills, and iota (the index itself).
+CONSTANTS = {
+    aten.full.default,
+    aten.full_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.scalar_tensor.default,
+    aten.zeros.default,
+    aten.ones.default,
+    prims.iota.default,
+}
+
+
+def constant_value(node_target: Any, args: tuple, kwargs: dict) -> Any:
+    """The fill value of a CONSTANTS op other than iota."""
+    if node_target in (aten.zeros_like.default, aten.zeros.default):
+        return 0
+    if node_target in (aten.ones_like.default, aten.ones.default):
+        return 1
+    if node_target == aten.scalar_tensor.default:
+        return args[0]
+    return args[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+    """combine: Triton reduction over axis 1; neutral: masked lanes' value; mean: divide by count."""
+
+    combine: str
+    neutral: str
+    mean: bool = False
+
+
+REDUCTIONS: dict[Any, Reduction] = {
+    aten.sum.dim_IntList: Reduction("tl.sum", "0"),
+    aten.sum.default: Reduction("tl.sum", "0"),
+    prims.sum.default: Reduction("tl.sum", "0"),
+    aten.mean.dim: Reduction("tl.sum", "0", mean=True),
+    aten.mean.default: Reduction("tl.sum", "0", mean=True),
+    aten.amax.default: Reduction("tl.max", 'float("-inf")'),
+    aten.amin.default: Reduction("tl.min", 'float("inf")'),
+}
+
+
+def reduction_dims(target: Any, args: tuple, kwargs: dict, ndim: int) -> tuple[tuple[int, ...], bool]:
+    """(normalized reduced dims, keepdim) of a REDUCTIONS node."""
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if target == prims.sum.default:
+        keepdim = False
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        dims = range(ndim)
+    if isinstance(dims, int):
+        dims = [dims]
+    return tuple(sorted({d + ndim if d < 0 else d for d in dims})), bool(keepdim)

@@ -1,0 +1,452 @@
+"""Fusion: group pointwise, view and reduction nodes into kernels that codegen writes.
+
+Greedy, in the graph's order. Every codegen-able node starts as its own group
+and is merged into the group of each producer (vertical fusion: the producer's
+result never goes to memory), then groups that read the same tensor are merged
+(horizontal fusion: the tensor is read once). A merge happens only if
+
+  - it creates no cycle between groups (checked on ancestor bit sets),
+  - no mutating node lies inside the group's span (reads stay before writes),
+  - codegen can write the merged group as one kernel (`plan_kernel`), which is
+    where iteration spaces must match (same shape, or a reduction boundary
+    whose epilogue reads per-row results).
+
+mm/bmm/addmm/convolution/attention and anything else codegen has no lowering
+for stay ATen calls between groups. Views are pure index math: each fusable
+consumer gets its own copy of the view chain it reads through, so a view never
+has to be materialized and never ties two kernels together.
+
+Each group becomes one `call_function` node whose target is a GuardedCall:
+primary the generated kernel (graphopt.codegen.FusedKernel), fallback the
+group's original subgraph as a GraphModule of ATen calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import operator
+from collections.abc import Iterable
+
+import torch
+from torch import fx
+
+from graphopt import codegen
+from graphopt.codegen import compiler
+from graphopt.codegen.kernel import CannotGenerate, node_kind
+from graphopt.fallback import warn_fallback
+from graphopt.pipeline import PassContext, PassReport
+from graphopt.runtime import GuardedCall
+
+_COMPUTE_KINDS = {"pointwise", "reduction", "cast"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedGroup:
+    """One generated kernel: its nodes, how it was formed, and the cost estimate."""
+
+    name: str
+    nodes: tuple[str, ...]
+    kind: str  # "pointwise" or "reduction"
+    merges: tuple[str, ...]  # each merge that built it, with the reason
+    bytes_moved: int
+    estimated_seconds: float | None
+    cost_source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectedMerge:
+    first: tuple[str, ...]
+    second: tuple[str, ...]
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionReport(PassReport):
+    groups: list[FusedGroup]
+    rejected: list[RejectedMerge]
+    not_fused: dict[str, str]  # node -> why it stays an ATen call (only for pointwise-like ops)
+    skipped: str | None = None
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"fusion skipped: {self.skipped}"
+        fused = sum(len(g.nodes) for g in self.groups)
+        return (
+            f"{len(self.groups)} kernels from {fused} nodes; {len(self.rejected)} merges rejected; "
+            f"{len(self.not_fused)} pointwise nodes left to ATen"
+        )
+
+
+def _is_mutating(node: fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+
+
+def _fusable(node: fx.Node, device: torch.device) -> tuple[bool, str | None]:
+    """(can join a group, why not — only for ops one would expect to fuse)."""
+    kind = node_kind(node)
+    if kind == "extern" or _is_mutating(node):
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            if torch.Tag.pointwise in node.target.tags and not _is_mutating(node):
+                return False, f"no Triton lowering for {node.target}"
+        return False, None
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return False, None
+    if val.device != device:
+        return False, f"tensor on {val.device}, graph on {device}"
+    try:
+        codegen.kernel._check_dtype(node)
+    except CannotGenerate as e:
+        return False, e.reason
+    return True, None
+
+
+def _private_view_chains(graph: fx.Graph, fusable: set[fx.Node]) -> None:
+    """Give every fusable consumer its own copy of each view chain it reads through."""
+
+    def privatize(user: fx.Node, view: fx.Node) -> None:
+        if len(view.users) > 1:
+            with graph.inserting_before(user):
+                clone = graph.node_copy(view)
+            user.replace_input_with(view, clone)
+            fusable.add(clone)
+            view = clone
+        for arg in view.all_input_nodes:
+            if arg in fusable and node_kind(arg) == "view":
+                privatize(view, arg)
+
+    for node in list(graph.nodes):
+        if node in fusable and node_kind(node) != "view":
+            for arg in node.all_input_nodes:
+                if arg in fusable and node_kind(arg) == "view":
+                    privatize(node, arg)
+
+
+class _Group:
+    def __init__(self, members: list[fx.Node], bits: int):
+        self.members = members
+        self.bits = bits
+        self.anc = 0  # bit set of every node this group depends on, through other groups too
+        self.merges: list[str] = []
+
+
+class _Grouping:
+    """The current partition of the graph into groups, with contracted-graph ancestor sets."""
+
+    def __init__(self, nodes: list[fx.Node]):
+        self.pos = {n: i for i, n in enumerate(nodes)}
+        self.group: dict[fx.Node, _Group] = {}
+        self.mutations = [self.pos[n] for n in nodes if _is_mutating(n)]
+
+    def unit(self, node: fx.Node) -> _Group:
+        g = self.group.get(node)
+        if g is None:
+            g = self.group[node] = _Group([node], 1 << self.pos[node])
+            g.anc = self._ancestors(g)
+        return g
+
+    def _ancestors(self, g: _Group) -> int:
+        anc = 0
+        for m in g.members:
+            for arg in m.all_input_nodes:
+                if arg not in g.members:
+                    u = self.unit(arg)
+                    anc |= u.anc | u.bits
+        return anc & ~g.bits
+
+    def input_units(self, g: _Group) -> list[_Group]:
+        units = {}
+        for m in g.members:
+            for arg in m.all_input_nodes:
+                u = self.unit(arg)
+                if u is not g:
+                    units[id(u)] = u
+        return list(units.values())
+
+    def would_cycle(self, a: _Group, b: _Group) -> bool:
+        """A path a -> (other groups) -> b or b -> ... -> a: merging would make a cycle."""
+        for x, y in ((a, b), (b, a)):
+            for u in self.input_units(y):
+                if u is not x and u.anc & x.bits:
+                    return True
+        return False
+
+    def spans_mutation(self, members: Iterable[fx.Node]) -> bool:
+        positions = [self.pos[m] for m in members]
+        lo, hi = min(positions), max(positions)
+        return any(lo < p < hi for p in self.mutations)
+
+    def merge(self, a: _Group, b: _Group, why: str) -> _Group:
+        members = sorted(a.members + b.members, key=self.pos.__getitem__)
+        merged = _Group(members, a.bits | b.bits)
+        merged.merges = a.merges + b.merges + [why]
+        for m in members:
+            self.group[m] = merged
+        merged.anc = (a.anc | b.anc) & ~merged.bits
+        # every group that depended on a or b now depends on all of the merged group's ancestors
+        # (a group that already has them all passes nothing new on: ancestor sets are closed)
+        gained = merged.anc | merged.bits
+        seen: set[int] = {id(merged)}
+        frontier = [u for m in members for u in m.users]
+        while frontier:
+            node = frontier.pop()
+            g = self.group.get(node)
+            if g is None or id(g) in seen:
+                continue
+            seen.add(id(g))
+            if g.anc | gained == g.anc:
+                continue
+            g.anc |= gained
+            frontier.extend(u for m in g.members for u in m.users)
+        return merged
+
+
+def _outputs(members: list[fx.Node]) -> list[fx.Node]:
+    inside = set(members)
+    return [m for m in members if any(u not in inside for u in m.users)]
+
+
+def _has_compute(members: Iterable[fx.Node]) -> bool:
+    return any(node_kind(m) in _COMPUTE_KINDS for m in members)
+
+
+def _plan(members: list[fx.Node], name: str = "candidate") -> codegen.KernelSpec:
+    return codegen.plan_kernel(name, members, _outputs(members))
+
+
+def _names(nodes: Iterable[fx.Node]) -> tuple[str, ...]:
+    return tuple(n.name for n in nodes)
+
+
+def _try_merge(grouping: _Grouping, a: _Group, b: _Group, why: str, rejected: list[RejectedMerge]) -> _Group | None:
+    if a is b:
+        return a
+    reason = None
+    members = sorted(a.members + b.members, key=grouping.pos.__getitem__)
+    if grouping.would_cycle(a, b):
+        reason = "would create a cycle between kernels"
+    elif grouping.spans_mutation(members):
+        reason = "would move a read across an in-place write"
+    elif _has_compute(members):
+        try:
+            _plan(members)
+        except CannotGenerate as e:
+            reason = e.reason
+    if reason is not None:
+        if _has_compute(a.members) and _has_compute(b.members):
+            rejected.append(RejectedMerge(_names(a.members), _names(b.members), reason))
+        return None
+    return grouping.merge(a, b, why)
+
+
+def _form_groups(nodes: list[fx.Node], fusable: set[fx.Node], rejected: list[RejectedMerge]) -> _Grouping:
+    grouping = _Grouping(nodes)
+    for node in nodes:
+        grouping.unit(node)
+    for node in nodes:
+        if node not in fusable or node_kind(node) == "view":
+            continue
+        current = grouping.unit(node)
+        # the private view chains this node reads through join its group first
+        for view in _view_chain(node, fusable):
+            current = grouping.merge(current, grouping.unit(view), f"view {view.name} read by {node.name}")
+        producers = sorted(
+            {a for m in current.members for a in m.all_input_nodes if a in fusable and a not in current.members},
+            key=grouping.pos.__getitem__,
+            reverse=True,
+        )
+        for producer in producers:
+            if producer in current.members:
+                continue
+            merged = _try_merge(
+                grouping, grouping.unit(producer), current, f"vertical: {producer.name} into {node.name}", rejected
+            )
+            current = merged or current
+    _horizontal(nodes, fusable, grouping, rejected)
+    return grouping
+
+
+def _view_chain(node: fx.Node, fusable: set[fx.Node]) -> list[fx.Node]:
+    chain, stack = [], [a for a in node.all_input_nodes if a in fusable and node_kind(a) == "view"]
+    while stack:
+        view = stack.pop()
+        chain.append(view)
+        stack.extend(a for a in view.all_input_nodes if a in fusable and node_kind(a) == "view")
+    return chain
+
+
+def _horizontal(nodes: list[fx.Node], fusable: set[fx.Node], grouping: _Grouping, rejected: list[RejectedMerge]) -> None:
+    """Merge groups that read the same tensor, so it is read once."""
+    for node in nodes:
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        readers: list[_Group] = []
+        for user in node.users:
+            g = grouping.group.get(user)
+            if g is not None and user in fusable and _has_compute(g.members) and node not in g.members:
+                if all(g is not r for r in readers):
+                    readers.append(g)
+        if len(readers) < 2:
+            continue
+        current = readers[0]
+        for other in readers[1:]:
+            if other is current:
+                continue
+            merged = _try_merge(grouping, current, other, f"horizontal: both read {node.name}", rejected)
+            current = merged or current
+
+
+def _external_inputs(members: list[fx.Node]) -> list[fx.Node]:
+    inside = set(members)
+    inputs: list[fx.Node] = []
+    for m in members:
+        for arg in m.all_input_nodes:
+            if arg not in inside and arg not in inputs:
+                inputs.append(arg)
+    return inputs
+
+
+def _subgraph(name: str, members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):
+    """The group's original nodes as their own GraphModule (the eager fallback), and the node map."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in members:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    return fx.GraphModule(torch.nn.Module(), graph, name), env
+
+
+def _cost(spec: codegen.KernelSpec, ctx: PassContext) -> codegen.KernelCost:
+    """Bytes the kernel must move (each input read once, each output written once) at compile-time sizes."""
+    total = 0
+    for node in [*spec.tensor_inputs, *spec.outputs]:
+        val = node.meta["val"]
+        numel = val.numel()
+        if isinstance(numel, torch.SymInt):
+            numel = numel.node.hint if numel.node.hint is not None else 0
+        total += int(numel) * val.element_size()
+    return codegen.KernelCost(total, None, "bytes from meta['val'] sizes (no roofline model available)")
+
+
+def _rewrite(gm: fx.GraphModule, grouping: _Grouping, fusable: set[fx.Node], ctx: PassContext) -> list[FusedGroup]:
+    graph = gm.graph
+    groups = {
+        id(g): g
+        for g in grouping.group.values()
+        if _has_compute(g.members) and all(m in fusable for m in g.members)
+    }
+    order_key: dict[fx.Node, float] = {n: float(p) for n, p in grouping.pos.items()}
+    fused: list[FusedGroup] = []
+    prefix = ctx.graph_name.split("_frame")[0]
+    for index, g in enumerate(sorted(groups.values(), key=lambda g: grouping.pos[g.members[0]])):
+        members = g.members
+        name = f"fused_{prefix}_{ctx.kind}_{index}"
+        outputs = _outputs(members)
+        inputs = _external_inputs(members)
+        sub_gm, env = _subgraph(name, members, inputs, outputs)
+        try:
+            spec = codegen.plan_kernel(name, [env[m] for m in members], [env[o] for o in outputs])
+        except CannotGenerate as e:  # legal when merged, but not with the final outputs: leave it to ATen
+            warn_fallback(name, e.reason)
+            continue
+        assert [p.name for p in spec.inputs] == [n.name for n in inputs]
+        cost = _cost(spec, ctx)
+        kernel = codegen.FusedKernel(spec, cost)
+        target = GuardedCall(name, kernel, sub_gm)
+        # placed where its first computation was; the sort below moves it after its inputs
+        first = next(m for m in members if node_kind(m) in _COMPUTE_KINDS)
+        with graph.inserting_before(first):
+            call = graph.call_function(target, tuple(inputs))
+        order_key[call] = order_key[first]
+        vals = [o.meta.get("val") for o in outputs]
+        call.meta["val"] = vals[0] if len(outputs) == 1 else tuple(vals)
+        replacements = [call]
+        if len(outputs) > 1:
+            replacements = []
+            for i, out in enumerate(outputs):
+                with graph.inserting_after(call):
+                    item = graph.call_function(operator.getitem, (call, i))
+                item.meta["val"] = out.meta.get("val")
+                order_key[item] = order_key[first] + 0.5
+                replacements.append(item)
+        inside = set(members)
+        for out, new in zip(outputs, replacements):
+            out.replace_all_uses_with(new, delete_user_cb=lambda user: user not in inside)
+        for m in reversed(members):
+            graph.erase_node(m)
+        kind = "reduction" if spec.domain.is_reduction else "pointwise"
+        fused.append(
+            FusedGroup(name, _names(members), kind, tuple(g.merges), cost.bytes_moved, cost.seconds, cost.source)
+        )
+    _stable_topological_sort(graph, order_key)
+    return fused
+
+
+def _stable_topological_sort(graph: fx.Graph, order_key: dict[fx.Node, float]) -> None:
+    """Reorder so every node follows its inputs, keeping the original order wherever it can.
+
+    In-place writes keep their place relative to the reads of the tensor they write."""
+    nodes = list(graph.nodes)
+    key = {n: (order_key.get(n, float(i)), i) for i, n in enumerate(nodes)}
+    deps: dict[fx.Node, set[fx.Node]] = {n: set(n.all_input_nodes) for n in nodes}
+    for node in nodes:
+        if _is_mutating(node) and node.args and isinstance(node.args[0], fx.Node):
+            for reader in node.args[0].users:
+                if reader is node:
+                    continue
+                if key[reader] < key[node]:
+                    deps[node].add(reader)
+                else:
+                    deps[reader].add(node)
+    users: dict[fx.Node, list[fx.Node]] = {n: [] for n in nodes}
+    for node, ds in deps.items():
+        for d in ds:
+            users[d].append(node)
+    waiting = {n: len(ds) for n, ds in deps.items()}
+    ready = [(key[n], n.name, n) for n in nodes if waiting[n] == 0 and n.op != "output"]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, _, node = heapq.heappop(ready)
+        order.append(node)
+        for user in users[node]:
+            waiting[user] -= 1
+            if waiting[user] == 0 and user.op != "output":
+                heapq.heappush(ready, (key[user], user.name, user))
+    if len(order) != len(nodes) - 1:
+        raise RuntimeError("fusion produced a cyclic graph")
+    previous = None
+    for node in order:
+        if previous is not None:
+            previous.append(node)
+        previous = node
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, FusionReport]:
+    if not ctx.options.fusion:
+        return gm, FusionReport([], [], {}, skipped="the fusion option is off")
+    if not compiler.can_run_on(ctx.device):
+        reason = f"Triton cannot run on {ctx.device} here (on CPU set TRITON_INTERPRET=1)"
+        warn_fallback("fusion", reason)
+        return gm, FusionReport([], [], {}, skipped=reason)
+    fusable: set[fx.Node] = set()
+    not_fused: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        ok, why = _fusable(node, ctx.device)
+        if ok:
+            fusable.add(node)
+        elif why is not None:
+            not_fused[node.name] = why
+            warn_fallback(str(node.target), why)
+    _private_view_chains(gm.graph, fusable)
+    nodes = list(gm.graph.nodes)
+    rejected: list[RejectedMerge] = []
+    grouping = _form_groups(nodes, fusable, rejected)
+    groups = _rewrite(gm, grouping, fusable, ctx)
+    gm.graph.eliminate_dead_code()
+    return gm, FusionReport(groups, rejected, not_fused)
