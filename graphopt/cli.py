@@ -16,7 +16,7 @@ from rich.console import Console
 
 from graphopt.cli_script import CliError
 
-SUBCOMMANDS = ("explain", "dump", "diff", "cache")
+SUBCOMMANDS = ("explain", "dump", "diff", "bisect", "cache", "report")
 
 
 def _module(name: str):

@@ -44,8 +44,10 @@ def main(args: argparse.Namespace, console: Console) -> int:
     except OSError as e:
         raise CliError(f"cannot create {args.out}: {e.strerror}") from None
     run = observe_script(script, args.args, force_backend=args.force_backend)
-    for info in run.graphs:
+    summary = run_summary(run)
+    for info, graph in zip(run.graphs, summary["graphs"]):
         folder = write_graph_records(args.out, info.name, info.input_gm, info.records)
+        graph["folder"] = os.path.basename(folder)
         written = list(kernels(info.output_gm))
         if written:
             os.makedirs(os.path.join(folder, "kernels"), exist_ok=True)
@@ -56,6 +58,6 @@ def main(args: argparse.Namespace, console: Console) -> int:
                 f.write(kernel_source(kernel) or "")
         stages = len(info.records) + 1
         console.print(f"{folder}: {stages} stages, {len(written)} kernels")
-    path = write_run_summary(args.out, run_summary(run))
+    path = write_run_summary(args.out, summary)
     console.print(f"wrote {len(run.graphs)} graph folder(s) and {path}")
     return 0

@@ -82,15 +82,33 @@ def script_environment(script: str, args: Sequence[str]) -> Iterator[None]:
         sys.path[:] = saved_path
 
 
-def run_script(script: str, args: Sequence[str], *, run_name: str = "__main__") -> dict[str, Any]:
-    """Execute the script; returns its globals. A failure becomes a CliError naming where it raised."""
-    with script_environment(script, args):
-        try:
-            return runpy.run_path(script, run_name=run_name)
-        except SystemExit as e:
-            if e.code in (None, 0):
-                return {}
+@contextlib.contextmanager
+def _script_failures(script: str) -> Iterator[None]:
+    """Any failure of the script's own code becomes a one-line CliError naming where it raised."""
+    try:
+        yield
+    except SystemExit as e:
+        if e.code not in (None, 0):
             raise CliError(f"{os.path.basename(script)} exited with status {e.code}") from None
-        except Exception as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CliError(f"{_where_it_raised(e, script)}: {type(e).__name__}: {message}"[:500]) from None
+    except CliError:
+        raise
+    except Exception as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CliError(f"{_where_it_raised(e, script)}: {type(e).__name__}: {message}"[:500]) from None
+
+
+def run_script(script: str, args: Sequence[str]) -> None:
+    """Execute the script as `python SCRIPT args` would."""
+    with script_environment(script, args), _script_failures(script):
+        runpy.run_path(script, run_name="__main__")
+
+
+def call_main(script: str, args: Sequence[str]) -> Any:
+    """Load the script as a module (its `if __name__ == "__main__":` block does not run) and
+    return what its `main()` returns: how `graphopt bisect` gets outputs to compare."""
+    with script_environment(script, args), _script_failures(script):
+        namespace = runpy.run_path(script, run_name="__graphopt_script__")
+        main = namespace.get("main")
+        if not callable(main):
+            raise CliError(f"{os.path.basename(script)} defines no main(); bisect compares what main() returns")
+        return main()
