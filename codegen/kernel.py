@@ -432,10 +432,10 @@ class _Emitter:
     def constant(self, node: fx.Node, index: Index) -> _Value:
         dtype = node.meta["val"].dtype
         compute = lowerings.compute_dtype(dtype)
-        if node.target == torch.ops.prims.iota.default:
-            start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)
-            if len(node.args) > 1:
-                start, step = node.args[1], node.args[2]
+        if node.target in lowerings.RANGES:
+            start, step = lowerings.range_start_step(node.target, node.args, node.kwargs)
+            if not all(isinstance(v, int) for v in (start, step)):
+                raise CannotGenerate("a range with non-integer or symbolic start/step", node)
             expr = sympy.Integer(start) + index[0] * sympy.Integer(step)
             level = 2 if RINDEX in expr.free_symbols else 1 if XINDEX in expr.free_symbols else 0
             if level == 0:

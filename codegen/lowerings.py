@@ -104,10 +104,11 @@ def _unary(fn: str) -> Lowering:
 
 
 def _clamp(a: str, lo: Any = None, hi: Any = None) -> str:
+    """torch's clamp/maximum/minimum/relu keep NaN; Triton's default min/max drop it."""
     if lo is not None:
-        a = f"tl.maximum({a}, {lo})"
+        a = f"tl.maximum({a}, {lo}, tl.PropagateNan.ALL)"
     if hi is not None:
-        a = f"tl.minimum({a}, {hi})"
+        a = f"tl.minimum({a}, {hi}, tl.PropagateNan.ALL)"
     return a
 
 
@@ -141,8 +142,8 @@ POINTWISE: dict[Any, Lowering] = {
     aten.div.Tensor_mode: Lowering(_div_mode),
     prims.div.default: _binary("/"),
     aten.true_divide.Tensor: _binary("/"),
-    aten.maximum.default: Lowering(lambda a, b: f"tl.maximum({a}, {b})"),
-    aten.minimum.default: Lowering(lambda a, b: f"tl.minimum({a}, {b})"),
+    aten.maximum.default: Lowering(lambda a, b: f"tl.maximum({a}, {b}, tl.PropagateNan.ALL)"),
+    aten.minimum.default: Lowering(lambda a, b: f"tl.minimum({a}, {b}, tl.PropagateNan.ALL)"),
     aten.pow.Tensor_Scalar: Lowering(_pow),
     aten.pow.Tensor_Tensor: Lowering(lambda a, b: f"libdevice.pow({a}, {b})"),
     aten.pow.Scalar: Lowering(lambda a, b: f"libdevice.pow({a}, {b})"),
@@ -192,7 +193,7 @@ POINTWISE: dict[Any, Lowering] = {
     aten.sgn.default: Lowering(_sign),
     aten.isnan.default: Lowering(lambda a: f"({a} != {a})", operands="promoted"),
     aten.isinf.default: Lowering(lambda a: f"(tl.abs({a}) == float('inf'))", operands="promoted"),
-    aten.relu.default: Lowering(lambda a: f"tl.maximum({a}, 0)"),
+    aten.relu.default: Lowering(lambda a: f"tl.maximum({a}, 0, tl.PropagateNan.ALL)"),
     aten.clamp.default: Lowering(_clamp),
     aten.clamp_min.default: Lowering(lambda a, lo: _clamp(a, lo=lo)),
     aten.clamp_max.default: Lowering(lambda a, hi: _clamp(a, hi=hi)),
@@ -230,7 +231,21 @@ CONSTANTS = {
     aten.zeros.default,
     aten.ones.default,
     prims.iota.default,
+    aten.arange.default,
+    aten.arange.start,
+    aten.arange.start_step,
 }
+
+# Ops of CONSTANTS whose value is start + index * step along their only dim.
+RANGES = {prims.iota.default, aten.arange.default, aten.arange.start, aten.arange.start_step}
+
+
+def range_start_step(target: Any, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    if target == prims.iota.default:
+        return kwargs.get("start", 0), kwargs.get("step", 1)
+    if target == aten.arange.default:
+        return 0, 1
+    return args[0], (args[2] if len(args) > 2 else kwargs.get("step", 1))
 
 
 def constant_value(node_target: Any, args: tuple, kwargs: dict) -> Any:

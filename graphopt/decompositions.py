@@ -23,8 +23,64 @@ _EXTRA_FOR_FUSION = [
     aten._log_softmax,
     aten.native_layer_norm,
     aten.gelu,
-    aten.var_mean,
 ]
+
+
+def _reduced_dims(x: torch.Tensor, dim: Any) -> list[int]:
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return list(range(x.dim()))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return [d % x.dim() if x.dim() else 0 for d in dims]
+
+
+def _count(x: torch.Tensor, dims: list[int]) -> Any:
+    n = 1
+    for d in dims:
+        n = n * x.shape[d]
+    return n
+
+
+def _var_mean(x: torch.Tensor, dim: Any = None, *, correction: Any = None, keepdim: bool = False):
+    """Two sums (mean, then squared deviations) that codegen fuses into one reduction kernel;
+    torch's own decomposition ends in prims.var, which no kernel could absorb."""
+    dims = _reduced_dims(x, dim)
+    n = _count(x, dims)
+    mean = aten.sum.dim_IntList(x, dims, True) / n
+    centered = x - mean
+    var = aten.sum.dim_IntList(centered * centered, dims, keepdim) / (n - (1 if correction is None else correction))
+    return var, (mean if keepdim else aten.squeeze.dims(mean, dims))
+
+
+def _var(x: torch.Tensor, dim: Any = None, *, correction: Any = None, keepdim: bool = False):
+    return _var_mean(x, dim, correction=correction, keepdim=keepdim)[0]
+
+
+def _mean(x: torch.Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None):
+    dims = _reduced_dims(x, dim)
+    return aten.sum.dim_IntList(x, dims, keepdim, dtype=dtype) / _count(x, dims)
+
+
+def _nll_loss_backward(grad_output, x, target, weight, reduction, ignore_index, total_weight):
+    """The gradient as a compare with the class index (pointwise, fusable into the softmax
+    backward) instead of torch's scatter into a zero tensor of the logits' size."""
+    from torch._decomp.decompositions import nll_loss_backward
+
+    if weight is not None or x.dim() != 2:
+        return nll_loss_backward(grad_output, x, target, weight, reduction, ignore_index, total_weight)
+    keep = target != ignore_index
+    hit = torch.arange(x.shape[1], device=x.device).unsqueeze(0) == target.unsqueeze(1)
+    scale = grad_output.unsqueeze(1) if reduction == 0 else grad_output
+    if reduction == 1:  # mean
+        scale = scale / total_weight
+    return torch.where(hit & keep.unsqueeze(1), -scale, torch.zeros((), dtype=x.dtype, device=x.device)).to(x.dtype)
+
+
+_GRAPHOPT_DECOMPOSITIONS = {
+    aten.var_mean.correction: _var_mean,
+    aten.var.correction: _var,
+    aten.mean.dim: _mean,
+    aten.nll_loss_backward.default: _nll_loss_backward,
+}
 
 
 # Attention stays one extern call (flash/efficient kernels beat any decomposition), and
@@ -39,6 +95,7 @@ def decomposition_table(options: Options) -> dict[Any, Any]:
         return {}
     table = dict(core_aten_decompositions())
     table.update(get_decompositions(_EXTRA_FOR_FUSION))
+    table.update(_GRAPHOPT_DECOMPOSITIONS)
     for op in get_decompositions(_KEEP_EXTERN):
         table.pop(op, None)
     return table

@@ -12,9 +12,9 @@ result never goes to memory), then groups that read the same tensor are merged
     whose epilogue reads per-row results).
 
 mm/bmm/addmm/convolution/attention and anything else codegen has no lowering
-for stay ATen calls between groups. Views are pure index math: each fusable
-consumer gets its own copy of the view chain it reads through, so a view never
-has to be materialized and never ties two kernels together.
+for stay ATen calls between groups. Views are pure index math and fills are
+constants: each fusable consumer gets its own copy of the view chains and fills
+it reads, so a view is never materialized and neither ties two kernels together.
 
 Each group becomes one `call_function` node whose target is a GuardedCall:
 primary the generated kernel (graphopt.codegen.FusedKernel), fallback the
@@ -103,24 +103,29 @@ def _fusable(node: fx.Node, device: torch.device) -> tuple[bool, str | None]:
     return True, None
 
 
-def _private_view_chains(graph: fx.Graph, fusable: set[fx.Node]) -> None:
-    """Give every fusable consumer its own copy of each view chain it reads through."""
+def _is_free(node: fx.Node) -> bool:
+    """Views (index math) and fills (constants): free to duplicate into every kernel that reads them."""
+    return node_kind(node) in ("view", "constant")
 
-    def privatize(user: fx.Node, view: fx.Node) -> None:
-        if len(view.users) > 1:
+
+def _private_free_chains(graph: fx.Graph, fusable: set[fx.Node]) -> None:
+    """Give every fusable consumer its own copy of each view chain and fill it reads."""
+
+    def privatize(user: fx.Node, node: fx.Node) -> None:
+        if len(node.users) > 1:
             with graph.inserting_before(user):
-                clone = graph.node_copy(view)
-            user.replace_input_with(view, clone)
+                clone = graph.node_copy(node)
+            user.replace_input_with(node, clone)
             fusable.add(clone)
-            view = clone
-        for arg in view.all_input_nodes:
-            if arg in fusable and node_kind(arg) == "view":
-                privatize(view, arg)
+            node = clone
+        for arg in node.all_input_nodes:
+            if arg in fusable and _is_free(arg):
+                privatize(node, arg)
 
     for node in list(graph.nodes):
-        if node in fusable and node_kind(node) != "view":
+        if node in fusable and not _is_free(node):
             for arg in node.all_input_nodes:
-                if arg in fusable and node_kind(arg) == "view":
+                if arg in fusable and _is_free(arg):
                     privatize(node, arg)
 
 
@@ -246,12 +251,12 @@ def _form_groups(nodes: list[fx.Node], fusable: set[fx.Node], rejected: list[Rej
     for node in nodes:
         grouping.unit(node)
     for node in nodes:
-        if node not in fusable or node_kind(node) == "view":
+        if node not in fusable or _is_free(node):
             continue
         current = grouping.unit(node)
-        # the private view chains this node reads through join its group first
-        for view in _view_chain(node, fusable):
-            current = grouping.merge(current, grouping.unit(view), f"view {view.name} read by {node.name}")
+        # the private views and fills this node reads join its group first
+        for free in _free_chain(node, fusable):
+            current = grouping.merge(current, grouping.unit(free), f"{free.name} read by {node.name}")
         producers = sorted(
             {a for m in current.members for a in m.all_input_nodes if a in fusable and a not in current.members},
             key=grouping.pos.__getitem__,
@@ -268,12 +273,12 @@ def _form_groups(nodes: list[fx.Node], fusable: set[fx.Node], rejected: list[Rej
     return grouping
 
 
-def _view_chain(node: fx.Node, fusable: set[fx.Node]) -> list[fx.Node]:
-    chain, stack = [], [a for a in node.all_input_nodes if a in fusable and node_kind(a) == "view"]
+def _free_chain(node: fx.Node, fusable: set[fx.Node]) -> list[fx.Node]:
+    chain, stack = [], [a for a in node.all_input_nodes if a in fusable and _is_free(a)]
     while stack:
-        view = stack.pop()
-        chain.append(view)
-        stack.extend(a for a in view.all_input_nodes if a in fusable and node_kind(a) == "view")
+        free = stack.pop()
+        chain.append(free)
+        stack.extend(a for a in free.all_input_nodes if a in fusable and _is_free(a))
     return chain
 
 
@@ -443,7 +448,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, FusionRep
         elif why is not None:
             not_fused[node.name] = why
             warn_fallback(str(node.target), why)
-    _private_view_chains(gm.graph, fusable)
+    _private_free_chains(gm.graph, fusable)
     nodes = list(gm.graph.nodes)
     rejected: list[RejectedMerge] = []
     grouping = _form_groups(nodes, fusable, rejected)

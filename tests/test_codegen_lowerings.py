@@ -1,0 +1,293 @@
+"""Every pointwise lowering against eager ATen: contiguous, transposed and broadcast operands, each dtype.
+
+Each case fuses a small chain (the op between a load-side and a store-side op, so
+the op is inside a kernel, not alone) and compares with the same ATen calls run eagerly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fusion_helpers import assert_matches, run_fused
+
+from graphopt.codegen import lowerings
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+# Tolerances per dtype: kernels compute fp16/bf16 in fp32 and round once, eager rounds per op.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-10, 1e-10),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def _float(shape, dtype, positive=False):
+    x = torch.randn(shape, dtype=torch.float32)
+    if positive:
+        x = x.abs() + 0.1
+    return x.to(dtype)
+
+
+# op -> (how many tensor operands, extra scalar args, positive operands only)
+UNARY = {
+    aten.neg.default: (),
+    aten.abs.default: (),
+    aten.exp.default: (),
+    aten.exp2.default: (),
+    aten.expm1.default: (),
+    aten.log.default: "positive",
+    aten.log2.default: "positive",
+    aten.log1p.default: "positive",
+    aten.sqrt.default: "positive",
+    aten.rsqrt.default: "positive",
+    aten.sin.default: (),
+    aten.cos.default: (),
+    aten.tanh.default: (),
+    aten.atan.default: (),
+    aten.erf.default: (),
+    aten.sigmoid.default: (),
+    aten.reciprocal.default: "positive",
+    aten.floor.default: (),
+    aten.ceil.default: (),
+    aten.trunc.default: (),
+    aten.round.default: (),
+    aten.sign.default: (),
+    aten.sgn.default: (),
+    aten.relu.default: (),
+    aten.clone.default: (),
+    aten.lift_fresh_copy.default: (),
+    aten.alias_copy.default: (),
+}
+
+BINARY = [
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten.maximum.default,
+    aten.minimum.default,
+    aten.atan2.default,
+    aten.pow.Tensor_Tensor,
+    aten.rsub.Tensor,
+]
+
+COMPARE = [aten.eq.Tensor, aten.ne.Tensor, aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor]
+
+
+def _chain(op, *extra):
+    """mul by 1 before (so the op reads a kernel value) and add 0 after (so its result is used)."""
+
+    def fn(x):
+        y = op(aten.mul.Tensor(x, 1), *extra)
+        return aten.add.Tensor(y, 0) if y.dtype != torch.bool else aten.logical_not.default(y)
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("op", list(UNARY), ids=str)
+def test_unary(op, dtype):
+    x = _float((5, 7), dtype, positive=UNARY[op] == "positive")
+    fn = _chain(op)
+    result, _ = run_fused(fn, x)
+    assert_matches(result, fn(x), *TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "broadcast"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("op", BINARY + COMPARE, ids=str)
+def test_binary(op, dtype, layout):
+    x = _float((6, 5), dtype, positive=op == aten.pow.Tensor_Tensor)
+    if layout == "contiguous":
+        y = _float((6, 5), dtype, positive=True)
+    elif layout == "transposed":
+        y = _float((5, 6), dtype, positive=True).t()
+    else:
+        y = _float((1, 5), dtype, positive=True)
+
+    def fn(x, y):
+        out = op(aten.mul.Tensor(x, 1), y)
+        return out if out.dtype == torch.bool else aten.add.Tensor(out, 0)
+
+    result, _ = run_fused(fn, x, y)
+    assert_matches(result, fn(x, y), *TOL[dtype])
+
+
+SCALAR_OPS = [
+    (aten.add.Tensor, 2.5),
+    (aten.mul.Tensor, -3),
+    (aten.div.Tensor, 7.0),
+    (aten.pow.Tensor_Scalar, 2),
+    (aten.pow.Tensor_Scalar, 3),
+    (aten.pow.Tensor_Scalar, 0.5),
+    (aten.pow.Tensor_Scalar, -0.5),
+    (aten.pow.Tensor_Scalar, -1),
+    (aten.pow.Tensor_Scalar, 1.7),
+    (aten.rsub.Scalar, 1.0),
+    (aten.clamp_min.default, 0.2),
+    (aten.clamp_max.default, -0.1),
+    (aten.leaky_relu.default, 0.1),
+    (aten.lt.Scalar, 0.3),
+    (aten.ge.Scalar, -0.2),
+    (aten.eq.Scalar, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("op,scalar", SCALAR_OPS, ids=lambda v: str(v))
+def test_tensor_scalar(op, scalar, dtype):
+    x = _float((4, 9), dtype, positive=op == aten.pow.Tensor_Scalar)
+    fn = _chain(op, scalar)
+    result, _ = run_fused(fn, x)
+    assert_matches(result, fn(x), *TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_where_clamp_hardtanh_elu_and_backward_ops(dtype):
+    x, g = _float((6, 8), dtype), _float((6, 8), dtype)
+
+    def fn(x, g):
+        a = aten.where.self(aten.gt.Scalar(x, 0), x, aten.mul.Tensor(x, 0.5))
+        b = aten.clamp.default(a, -0.5, 0.7)
+        c = aten.hardtanh.default(x, -0.3, 0.4)
+        d = aten.elu.default(x, 1.2)
+        e = aten.hardtanh_backward.default(g, x, -0.3, 0.4)
+        f = aten.leaky_relu_backward.default(g, x, 0.2, False)
+        return aten.add.Tensor(aten.add.Tensor(b, c), aten.add.Tensor(d, aten.mul.Tensor(e, f)))
+
+    result, _ = run_fused(fn, x, g)
+    assert_matches(result, fn(x, g), *TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=str)
+def test_integer_and_bool_ops(dtype):
+    a = torch.randint(-20, 20, (5, 6), dtype=dtype)
+    b = torch.randint(1, 7, (1, 6), dtype=dtype)
+
+    def fn(a, b):
+        s = aten.add.Tensor(aten.mul.Tensor(a, b), 3)
+        m = aten.maximum.default(s, aten.neg.default(a))
+        bits = aten.bitwise_xor.Tensor(aten.bitwise_and.Tensor(m, b), aten.bitwise_or.Tensor(a, b))
+        flag = aten.logical_and.default(aten.gt.Scalar(a, 0), aten.logical_not.default(aten.eq.Tensor(a, b)))
+        true_div = aten.div.Tensor(a, b)  # integer inputs, float result
+        floor_div = aten.div.Tensor_mode(aten.mul.Tensor(a, 1.0), b, rounding_mode="floor")
+        return bits, flag, true_div, floor_div, aten.abs.default(s)
+
+    result, _ = run_fused(fn, a, b)
+    assert_matches(result, fn(a, b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float16),
+        (torch.float32, torch.int32),
+        (torch.int64, torch.float32),
+        (torch.float32, torch.bool),
+        (torch.bool, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+    ids=str,
+)
+def test_casts(src, dst):
+    x = (torch.randn(7, 5) * 5).to(src)
+
+    def fn(x):
+        y = prims.convert_element_type.default(aten.mul.Tensor(x, 1), dst)
+        z = aten._to_copy.default(aten.mul.Tensor(x, 2), dtype=dst)
+        return y, z
+
+    result, _ = run_fused(fn, x)
+    # one ulp of the target: Triton's interpreter truncates fp32 -> fp16/bf16, GPUs round to nearest
+    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3}.get(dst, 1e-6)
+    assert_matches(result, fn(x), rtol=tol, atol=1e-6)
+
+
+def test_bf16_round_trip_rounds():
+    """An explicit cast to bf16 inside a kernel rounds (the kernel computes in fp32 otherwise)."""
+    x = torch.randn(64) * 3
+
+    def fn(x):
+        y = prims.convert_element_type.default(aten.mul.Tensor(x, 1.001), torch.bfloat16)
+        return prims.convert_element_type.default(aten.mul.Tensor(y, 1), torch.float32)
+
+    result, _ = run_fused(fn, x)
+    assert torch.equal(result, result.to(torch.bfloat16).float()), "value kept more than bf16 precision"
+    torch.testing.assert_close(result, fn(x), rtol=8e-3, atol=0)
+
+
+def test_views_as_index_math():
+    """expand, permute, slice, select, unsqueeze/squeeze and reshape inside one kernel, over strided inputs."""
+    base = torch.randn(4, 6, 10)[:, :, ::2]  # non-contiguous
+    row = torch.randn(5)
+
+    def fn(base, row):
+        p = aten.permute.default(base, [2, 0, 1])  # [5, 4, 6]
+        s = aten.slice.Tensor(p, 2, 1, 5)  # [5, 4, 4]
+        e = aten.expand.default(aten.unsqueeze.default(aten.unsqueeze.default(row, 1), 2), [5, 4, 4])
+        v = aten.view.default(aten.mul.Tensor(s, e), [5, 16])
+        r = aten.reshape.default(aten.t.default(v), [4, 4, 5])
+        sel = aten.select.int(aten.squeeze.dim(aten.unsqueeze.default(r, 0), 0), 1, 2)  # [4, 5]
+        return aten.add.Tensor(aten.transpose.int(sel, 0, 1), 1.0)
+
+    result, calls = run_fused(fn, base, row)
+    assert len(calls) == 1
+    assert_matches(result, fn(base, row), rtol=1e-6, atol=1e-6)
+
+
+def test_constants_iota_and_fills():
+    x = torch.randn(4, 6)
+
+    def fn(x):
+        ids = aten.arange.start_step(0, 6, 1, dtype=torch.int64)
+        hit = aten.eq.Scalar(aten.unsqueeze.default(ids, 0), 2)
+        zero = aten.scalar_tensor.default(0.0, dtype=torch.float32)
+        full = aten.full.default([4, 6], 1.5, dtype=torch.float32)
+        return aten.add.Tensor(aten.where.self(hit, x, zero), full)
+
+    result, _ = run_fused(fn, x)
+    assert_matches(result, fn(x), rtol=1e-6, atol=1e-6)
+
+
+def test_scalar_overloads_predicates_and_copies():
+    x = torch.randn(5, 6)
+    x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), float("-inf")
+    lo, hi = torch.full((1, 6), -0.5), torch.full((5, 1), 0.5)
+    ints = torch.randint(-5, 5, (5, 6))
+
+    def fn(x, lo, hi, ints):
+        a = aten.div.Scalar(aten.mul.Scalar(aten.sub.Scalar(aten.add.Scalar(x, 1.5), 0.5), 2), 4)
+        b = aten.true_divide.Tensor(prims.div.default(a, aten.add.Tensor(aten.mul.Tensor(a, 0), 4.0)), 3)
+        c = aten.pow.Scalar(2.0, aten.clamp.Tensor(b, lo, hi))
+        flags = aten.logical_xor.default(
+            aten.logical_or.default(aten.isnan.default(x), aten.isinf.default(x)),
+            aten.logical_or.default(aten.ne.Scalar(ints, 0), aten.le.Scalar(x, 0.1)),
+        )
+        more = aten.logical_and.default(flags, aten.gt.Scalar(ints, -3))
+        copied = aten.copy.default(aten.mul.Tensor(x, 0), aten.expand.default(aten.mul.Tensor(hi, 3), [5, 6]))
+        return c, more, aten.bitwise_not.default(ints), copied
+
+    result, _ = run_fused(fn, x, lo, hi, ints)
+    assert_matches(result, fn(x, lo, hi, ints), rtol=1e-6, atol=1e-6)
+
+
+def test_every_pointwise_lowering_is_covered_here():
+    """A new lowering must come with a case in this file."""
+    covered = set(UNARY) | set(BINARY) | set(COMPARE) | {op for op, _ in SCALAR_OPS}
+    covered |= {
+        aten.where.self, aten.clamp.default, aten.hardtanh.default, aten.elu.default, aten.hardtanh_backward.default,
+        aten.leaky_relu_backward.default, aten.gt.Scalar, aten.bitwise_xor.Tensor, aten.bitwise_and.Tensor,
+        aten.bitwise_or.Tensor, aten.logical_and.default, aten.logical_not.default, aten.div.Tensor_mode,
+        aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, prims.div.default,
+        aten.true_divide.Tensor, aten.pow.Scalar, aten.ne.Scalar, aten.le.Scalar, aten.logical_or.default,
+        aten.logical_xor.default, aten.bitwise_not.default, aten.isnan.default, aten.isinf.default,
+        aten.clamp.Tensor, aten.copy.default,
+    }  # fmt: skip
+    untested = {str(op) for op in lowerings.POINTWISE} - {str(op) for op in covered}
+    assert not untested, sorted(untested)
