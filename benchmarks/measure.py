@@ -1,0 +1,146 @@
+"""Measure one benchmark row in this process: `python -m benchmarks.measure JOB.json`.
+
+`benchmarks.run` starts one such process per row, so no compiled code, kernel
+cache or allocator state of one row reaches the next, and a crash or hang ends
+only its own row. Inductor and Triton also get a fresh on-disk cache folder for
+the row (torch's `fresh_cache`), so the first call is a cold compile.
+
+The job file holds the row, the settings and the record to fill; the process
+writes the record back to the same file whatever happens, with what it measured
+up to a failure and the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch._inductor.utils
+
+from benchmarks import backends, environment, timing
+from benchmarks.models import get_model, logits_of
+from benchmarks.rows import Row
+
+
+def _precision_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def _step_function(
+    call: Callable[..., Any], model: torch.nn.Module, row: Row, inputs: list[tuple[torch.Tensor, ...]], device
+) -> Callable[[int], None]:
+    """step(i) runs one training or inference step on input set i (rotating)."""
+    precision = _precision_context(row.precision, device)
+    # inductor's CUDA graph trees must be told where an iteration starts when outputs are not consumed
+    mark_step = torch.compiler.cudagraph_mark_step_begin if row.cuda_graphs else (lambda: None)
+
+    def train(i: int) -> None:
+        mark_step()
+        model.zero_grad(set_to_none=True)
+        with precision():
+            out = call(*inputs[i % len(inputs)])
+        logits_of(out).mean().backward()
+
+    def infer(i: int) -> None:
+        mark_step()
+        with torch.no_grad(), precision():
+            call(*inputs[i % len(inputs)])
+
+    return train if row.mode == "train" else infer
+
+
+def _graph_breaks() -> int:
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def _fallbacks() -> list[dict[str, Any]]:
+    from graphopt.fallback import fallbacks
+
+    return [{"op": f.op, "reason": f.reason, "count": n} for f, n in fallbacks().items()]
+
+
+def _warm_compile(model, row, cache_dir, inputs, device, record: dict[str, Any]) -> None:
+    """Compile again from a reset Dynamo with the same tuning-cache folder: the warm-cache first call."""
+    from graphopt.cache import lookups, reset_lookups
+
+    torch._dynamo.reset()
+    reset_lookups()
+    compiled = backends.compile_model(model, row, cache_dir)
+    step = _step_function(compiled, model, row, inputs, device)
+    record["warm_compile_s"] = timing.time_call_s(lambda: step(0), device)
+    seen = lookups()
+    record["warm_cache_hits"] = sum(lookup.hit for lookup in seen)
+    record["warm_cache_misses"] = sum(not lookup.hit for lookup in seen)
+
+
+def measure(row: Row, device: torch.device, record: dict[str, Any]) -> None:
+    """Fill `record` with the row's measurements; raises on failure, leaving what was measured."""
+    record["device"] = device.type
+    record["device_name"] = environment.device_name(device)
+    record["versions"] = environment.versions()
+    record["timer"] = timing.timer_name(device)
+    spec = get_model(row.model)
+    model = spec.build(device)
+    if row.mode == "infer":
+        model.eval()
+    inputs = [spec.inputs(seed, device) for seed in range(record["input_sets"])]
+    with tempfile.TemporaryDirectory(prefix="graphopt-bench-cache-") as cache_dir:
+        with torch._inductor.utils.fresh_cache(), backends.compile_config(row):
+            compiled = backends.compile_model(model, row, cache_dir)
+            step = _step_function(compiled, model, row, inputs, device)
+            record["compile_s"] = timing.time_call_s(lambda: step(0), device)
+            for i in range(1, 1 + record["warmup"]):
+                step(i)
+            timing.synchronize(device)
+            record["graph_breaks"] = _graph_breaks()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = timing.time_steps(step, 1 + record["warmup"], record["steps"], device)
+            record["step_ms"] = times
+            record["step_ms_median"] = statistics.median(times)
+            if device.type == "cuda":
+                record["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+            if row.backend == "graphopt" and backends.supports_warm_cache():
+                del compiled, step
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                _warm_compile(model, row, cache_dir, inputs, device, record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    (job_path,) = argv if argv is not None else sys.argv[1:]
+    with open(job_path) as f:
+        job = json.load(f)
+    record = job["record"]
+    row = Row(**job["row"])
+    device = torch.device(job["device"])
+    try:
+        measure(row, device, record)
+        record["status"] = "ok"
+    except Exception as e:
+        traceback.print_exc()
+        record["status"] = "error"
+        record["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
+    finally:
+        if row.backend == "graphopt":
+            record["fallbacks"] = _fallbacks()
+        with open(job_path, "w") as f:
+            json.dump({**job, "record": record}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

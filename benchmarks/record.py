@@ -1,0 +1,121 @@
+"""The JSON record of one benchmark row: its fields, their types, and the file that holds them.
+
+`run` writes these records, `report` reads them back (possibly from several run
+folders), and the tests check them: all three use the schema below, so a renamed
+field breaks loudly in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+RESULTS_FILE = "results.json"
+FORMAT_VERSION = 1
+
+STATUSES = ("ok", "error", "skipped")
+
+_NUMBER = (int, float)
+_OPTIONAL_NUMBER = (int, float, type(None))
+_OPTIONAL_STR = (str, type(None))
+
+# field -> accepted Python types after json.load
+SCHEMA: dict[str, tuple[type, ...]] = {
+    # the run this row belongs to: speedups are ratios within one run
+    "run_id": (str,),
+    "date": (str,),
+    "command": (str,),
+    "git_commit": _OPTIONAL_STR,
+    # the row
+    "key": (str,),
+    "label": (str,),
+    "model": (str,),
+    "mode": (str,),
+    "backend": (str,),
+    "precision": (str,),
+    "memory_budget": _OPTIONAL_NUMBER,
+    "cuda_graphs": (bool,),
+    "status": (str,),
+    "error": _OPTIONAL_STR,
+    # where it ran (null when the row never started)
+    "device": _OPTIONAL_STR,
+    "device_name": _OPTIONAL_STR,
+    "versions": (dict,),
+    # how it was measured
+    "steps": (int,),
+    "warmup": (int,),
+    "input_sets": (int,),
+    "timer": _OPTIONAL_STR,
+    "compile_options": (dict,),
+    # what was measured (null when the row did not get that far)
+    "step_ms_median": _OPTIONAL_NUMBER,
+    "step_ms": (list,),
+    "peak_bytes": _OPTIONAL_NUMBER,
+    "compile_s": _OPTIONAL_NUMBER,
+    "warm_compile_s": _OPTIONAL_NUMBER,
+    "warm_cache_hits": _OPTIONAL_NUMBER,
+    "warm_cache_misses": _OPTIONAL_NUMBER,
+    "graph_breaks": _OPTIONAL_NUMBER,
+    "fallbacks": (list,),
+    "wall_s": _NUMBER,
+}
+
+
+def new_record(
+    row_fields: dict[str, Any], key: str, label: str, run: dict[str, Any], settings: dict[str, int], compile_options: dict
+) -> dict[str, Any]:
+    """A record with every measured field empty: what a row that never got to run reports."""
+    record: dict[str, Any] = {name: None for name in SCHEMA}
+    record.update(run, **row_fields, **settings)
+    record.update(
+        key=key,
+        label=label,
+        status="skipped",
+        versions={},
+        compile_options=compile_options,
+        step_ms=[],
+        fallbacks=[],
+        wall_s=0.0,
+    )
+    return record
+
+
+def schema_errors(record: dict[str, Any]) -> list[str]:
+    """What is wrong with a record (missing/unknown fields, wrong types, bad status); empty if valid."""
+    errors = [f"missing field {name!r}" for name in SCHEMA if name not in record]
+    errors += [f"unknown field {name!r}" for name in record if name not in SCHEMA]
+    for name, types in SCHEMA.items():
+        if name in record and not isinstance(record[name], types):
+            errors.append(f"field {name!r} is {type(record[name]).__name__}, expected {'|'.join(t.__name__ for t in types)}")
+    if record.get("status") not in STATUSES:
+        errors.append(f"status {record.get('status')!r} is not one of {STATUSES}")
+    if record.get("status") == "ok" and record.get("step_ms_median") is None:
+        errors.append("status ok without step_ms_median")
+    return errors
+
+
+def write_results(folder: str, records: list[dict[str, Any]]) -> str:
+    """Write (atomically, so a killed run leaves the last complete version) DIR/results.json."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, RESULTS_FILE)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"format": FORMAT_VERSION, "records": records}, f, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(folder: str) -> list[dict[str, Any]]:
+    """The records of DIR/results.json; raises ValueError naming the file if one is malformed."""
+    path = os.path.join(folder, RESULTS_FILE)
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT_VERSION}")
+    for i, record in enumerate(data["records"]):
+        if errors := schema_errors(record):
+            raise ValueError(f"{path}: record {i}: " + "; ".join(errors))
+    return data["records"]

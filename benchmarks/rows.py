@@ -1,0 +1,73 @@
+"""What one benchmark row measures, and how a command line expands into rows.
+
+A row is one (model, mode, backend, precision, memory budget, CUDA graphs)
+combination; it runs in its own process, so its name (`label`) and its
+configuration must round-trip through JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+MODES = ("train", "infer")
+BACKENDS = ("eager", "inductor", "graphopt")
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    model: str
+    mode: str
+    backend: str
+    precision: str = "bf16"
+    memory_budget: float | None = None
+    cuda_graphs: bool = False
+
+    @property
+    def label(self) -> str:
+        """The variant's name in tables and plots, e.g. `inductor-budget50-cg`."""
+        parts = [self.backend]
+        if self.memory_budget is not None:
+            parts.append(f"budget{round(self.memory_budget * 100)}")
+        if self.cuda_graphs:
+            parts.append("cg")
+        if self.precision != "bf16":
+            parts.append(self.precision)
+        return "-".join(parts)
+
+    @property
+    def key(self) -> str:
+        """Unique within a run: names the row's log file and identifies it in progress output."""
+        return f"{self.model}-{self.mode}-{self.label}"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan_rows(
+    models: Sequence[str],
+    modes: Sequence[str],
+    backends: Sequence[str],
+    precisions: Sequence[str],
+    memory_budgets: Sequence[float],
+    cuda_graphs: bool,
+) -> list[Row]:
+    """Every row of a run, model by model, so a run cut short by its time budget has whole models.
+
+    Budget sweeps apply to training of the compiled backends (inference saves no
+    activations); CUDA-graph rows are added for the compiled backends beside the
+    plain ones.
+    """
+    rows = []
+    for model in models:
+        for mode in modes:
+            for precision in precisions:
+                for backend in backends:
+                    rows.append(Row(model, mode, backend, precision))
+                    compiled = backend != "eager"
+                    if compiled and cuda_graphs:
+                        rows.append(Row(model, mode, backend, precision, cuda_graphs=True))
+                    if compiled and mode == "train":
+                        rows.extend(Row(model, mode, backend, precision, memory_budget=b) for b in memory_budgets)
+    return rows

@@ -1,0 +1,180 @@
+"""Run the benchmark suite: `python -m benchmarks.run --models gpt2,llama --out DIR`.
+
+Each row (model x mode x backend variant) runs in its own process
+(`benchmarks.measure`), one after another, under a per-row timeout and an
+overall time budget: a row that fails or hangs is recorded with its error and
+the run goes on; rows that no longer fit the budget are recorded as skipped, so
+a run inside a time-limited device call always ends with its results written.
+DIR gets results.json (rewritten after every row), results.md, the plots and one
+log per row under logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from benchmarks import backends, environment, report
+from benchmarks.models import MODELS, SUITE
+from benchmarks.record import new_record, write_results
+from benchmarks.rows import BACKENDS, MODES, PRECISIONS, Row, plan_rows
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIN_TIMED_STEPS = 20
+# Seconds kept at the end of the time budget for writing the table and plots.
+REPORT_RESERVE_S = 20.0
+# A row given less than this cannot even start its process, import torch and build its model.
+MIN_ROW_S = 20.0
+_LOG_TAIL_CHARS = 1500
+
+
+def _choices(valid: tuple[str, ...] | list[str]):
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        bad = [item for item in items if item not in valid]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad) or 'nothing'} not in: {', '.join(valid)}")
+        return items
+
+    return parse
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if any(not 0.0 <= b <= 1.0 for b in budgets):
+        raise argparse.ArgumentTypeError("memory budgets are fractions between 0 and 1")
+    return budgets
+
+
+def _steps(text: str) -> int:
+    steps = int(text)
+    if steps < MIN_TIMED_STEPS:
+        raise argparse.ArgumentTypeError(f"at least {MIN_TIMED_STEPS} timed steps")
+    return steps
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=_choices(list(MODELS)), default=list(SUITE), help="comma-separated")
+    parser.add_argument("--modes", type=_choices(MODES), default=list(MODES))
+    parser.add_argument("--backends", type=_choices(BACKENDS), default=list(BACKENDS))
+    parser.add_argument("--precisions", type=_choices(PRECISIONS), default=["bf16"], help="bf16 = autocast")
+    parser.add_argument(
+        "--memory-budgets",
+        type=_budgets,
+        default=[],
+        help="training rows of inductor (activation_memory_budget) and graphopt (memory_budget) at each, e.g. 0.5,0.3",
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="add CUDA-graph rows: inductor reduce-overhead, graphopt cuda_graphs"
+    )
+    parser.add_argument("--steps", type=_steps, default=MIN_TIMED_STEPS, help="timed steps per row (>= 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
+    parser.add_argument("--input-sets", type=int, default=3, help="input batches the steps rotate through")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="skip rows that no longer fit; no limit if unset")
+    parser.add_argument("--row-timeout-s", type=float, default=600.0, help="kill a row's process after this long")
+    parser.add_argument("--out", required=True, help="folder for results.json, results.md, plots, logs")
+    return parser.parse_args(argv)
+
+
+def _log_tail(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-_LOG_TAIL_CHARS:].strip()
+
+
+def run_row(row: Row, record: dict[str, Any], device: str, timeout_s: float, out: str) -> dict[str, Any]:
+    """Measure `row` in a child process; returns its record, with the error if the process failed."""
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    job_path = os.path.join(out, "logs", f"{row.key}.job.json")
+    log_path = os.path.join(out, "logs", f"{row.key}.log")
+    with open(job_path, "w") as f:
+        json.dump({"row": row.as_dict(), "device": device, "record": record}, f)
+    begin = time.monotonic()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.measure", job_path],
+            cwd=_REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a timeout also ends its compile workers
+        )
+        try:
+            child.wait(timeout=timeout_s)
+            ended = None
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            ended = f"killed after {timeout_s:.0f} s (row timeout or the run's time budget)"
+    with open(job_path) as f:
+        result = json.load(f)["record"]
+    os.remove(job_path)
+    if ended or result["status"] not in ("ok", "error"):
+        result["status"] = "error"
+        result["error"] = (ended or f"row process exited with code {child.returncode}") + "\n" + _log_tail(log_path)
+    result["wall_s"] = time.monotonic() - begin
+    return result
+
+
+def _summary(record: dict[str, Any]) -> str:
+    if record["status"] != "ok":
+        return f"[yellow]{record['status']}[/]: {(record['error'] or '').splitlines()[0][:160]}"
+    peak = f", peak {record['peak_bytes'] / 2**30:.2f} GiB" if record["peak_bytes"] is not None else ""
+    warm = f", warm {record['warm_compile_s']:.1f} s" if record["warm_compile_s"] is not None else ""
+    return f"[green]ok[/]: {record['step_ms_median']:.2f} ms{peak}, first call {record['compile_s']:.1f} s{warm}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.monotonic()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run = {
+        "run_id": uuid.uuid4().hex[:12],
+        "date": environment.utc_now(),
+        "command": environment.command_line(),
+        "git_commit": environment.git_commit(),
+    }
+    settings = {"steps": args.steps, "warmup": args.warmup, "input_sets": args.input_sets}
+    rows = plan_rows(args.models, args.modes, args.backends, args.precisions, args.memory_budgets, args.cuda_graphs)
+    console = Console(stderr=True)
+    records: list[dict[str, Any]] = []
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("rows", total=len(rows))
+        for row in rows:
+            progress.update(task, description=row.key)
+            record = new_record(row.as_dict(), row.key, row.label, run, settings, backends.compile_options(row, None))
+            left = None if args.time_budget_s is None else args.time_budget_s - (time.monotonic() - start) - REPORT_RESERVE_S
+            if reason := backends.unsupported_reason(row):
+                record["error"] = reason
+            elif left is not None and left < MIN_ROW_S:
+                record["error"] = f"time budget of {args.time_budget_s:.0f} s used up"
+            else:
+                timeout = args.row_timeout_s if left is None else min(args.row_timeout_s, left)
+                record = run_row(row, record, device, timeout, args.out)
+            records.append(record)
+            write_results(args.out, records)
+            progress.console.print(f"{row.key}: {_summary(record)}")
+            progress.advance(task)
+    report.write_report(args.out, records)
+    print(report.markdown_table(records, brief=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
