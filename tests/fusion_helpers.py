@@ -47,3 +47,43 @@ def assert_matches(result: Any, expected: Any, rtol: float, atol: float) -> None
     for r, e in zip(result, expected, strict=True):
         assert r.dtype == e.dtype and r.shape == e.shape and r.stride() == e.stride(), (r.dtype, e.dtype, r.shape, e.shape, r.stride(), e.stride())
         torch.testing.assert_close(r, e, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def graph_kernels(graphs: list[Any]) -> list[GuardedCall]:
+    """The GuardedCalls of every graph captured by graphopt.events.capture()."""
+    return [call for info in graphs for call in kernels(info.output_gm)]
+
+
+def assert_kernels_ran(graphs: list[Any]) -> list[GuardedCall]:
+    calls = graph_kernels(graphs)
+    assert calls, "no kernels were generated"
+    for call in calls:
+        assert call.failed_reason is None, f"{call.__name__} fell back: {call.failed_reason}"
+    assert any(call.primary.launches for call in calls)
+    return calls
+
+
+def force_looped_reductions(monkeypatch: Any, xblock: int = 2, rblock: int = 4) -> None:
+    """Make every reduction kernel loop over the reduced extent in small steps."""
+    from graphopt.codegen import heuristics
+
+    config = heuristics.LaunchConfig(persistent=False, xblock=xblock, rblock=rblock, num_warps=1)
+    monkeypatch.setattr(heuristics, "reduction_config", lambda xnumel, rnumel, inner: config)
+
+
+def round_bf16_like_a_gpu(monkeypatch: Any) -> None:
+    """Triton's interpreter truncates fp32 -> bf16 where GPUs round to nearest even; make it round,
+    so bf16 accuracy tests measure graphopt, not the interpreter."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncating = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.uint16)
+            return interpreter.TensorHandle(rounded.numpy(), dst_type.scalar)
+        return truncating(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
