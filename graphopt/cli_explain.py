@@ -37,6 +37,17 @@ def _ops_line(counts: dict[str, int], limit: int = 8) -> str:
     return f"{total} ops: {shown}{more}" if total else "0 ops"
 
 
+def _cost_text(cost: Any) -> str:
+    if not isinstance(cost, dict):
+        return ""
+    parts = []
+    if isinstance(cost.get("bytes_moved"), (int, float)):
+        parts.append(f"moves {human_bytes(cost['bytes_moved'])}")
+    if isinstance(cost.get("seconds"), (int, float)):
+        parts.append(f"predicted {cost['seconds'] * 1e6:.1f} us")
+    return ", " + ", ".join(parts) if parts else ""
+
+
 def render_graph(graph: dict[str, Any]) -> Tree:
     title = f"[bold]{graph['name']}[/bold] ({graph['kind']})"
     tree = Tree(title)
@@ -50,9 +61,7 @@ def render_graph(graph: dict[str, Any]) -> Tree:
     if graph["kernels"]:
         kernels = tree.add(f"kernels ({len(graph['kernels'])})")
         for kernel in graph["kernels"]:
-            cost = kernel["cost"]
-            estimate = f", predicted {cost['seconds'] * 1e6:.1f} us" if isinstance(cost, dict) and "seconds" in cost else ""
-            kernels.add(f"{kernel['name']}: {len(kernel['original_nodes'])} nodes{estimate}")
+            kernels.add(f"{kernel['name']}: {len(kernel['original_nodes'])} nodes{_cost_text(kernel['cost'])}")
     if graph["memory"]:
         peak = max(live for _, live in graph["memory"])
         tree.add(f"live memory in node order: peak {human_bytes(peak)} (estimate from shapes)")
