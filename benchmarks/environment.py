@@ -57,8 +57,9 @@ def git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def command_line() -> str:
-    return shlex.join([os.path.basename(sys.executable), "-m", __package__ + ".run", *sys.argv[1:]])
+def command_line(argv: list[str]) -> str:
+    """The `benchmarks.run` command with these arguments, as one would type it again."""
+    return shlex.join([os.path.basename(sys.executable), "-m", __package__ + ".run", *argv])
 
 
 def utc_now() -> str:

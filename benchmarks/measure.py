@@ -2,8 +2,8 @@
 
 `benchmarks.run` starts one such process per row, so no compiled code, kernel
 cache or allocator state of one row reaches the next, and a crash or hang ends
-only its own row. Inductor and Triton also get a fresh on-disk cache folder for
-the row (torch's `fresh_cache`), so the first call is a cold compile.
+only its own row. `run` also points inductor's and Triton's on-disk caches at a
+fresh folder per row, so the first call is a cold compile.
 
 The job file holds the row, the settings and the record to fill; the process
 writes the record back to the same file whatever happens, with what it measured
@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._inductor.utils
 
 from benchmarks import backends, environment, timing
 from benchmarks.models import get_model, logits_of
@@ -97,7 +96,7 @@ def measure(row: Row, device: torch.device, record: dict[str, Any]) -> None:
         model.eval()
     inputs = [spec.inputs(seed, device) for seed in range(record["input_sets"])]
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-cache-") as cache_dir:
-        with torch._inductor.utils.fresh_cache(), backends.compile_config(row):
+        with backends.compile_config(row):
             compiled = backends.compile_model(model, row, cache_dir)
             step = _step_function(compiled, model, row, inputs, device)
             record["compile_s"] = timing.time_call_s(lambda: step(0), device)

@@ -142,7 +142,8 @@ def plot_speedup(records: list[dict[str, Any]], path: str) -> None:
         for i, label in enumerate(labels):
             xs = [g + (i - (len(labels) - 1) / 2) * width for g, bars in enumerate(latest.values()) if label in bars]
             ys = [bars[label] for bars in latest.values() if label in bars]
-            ax.bar(xs, ys, width, label=label)
+            bars = ax.bar(xs, ys, width, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(latest)), list(latest))
         ax.set_ylabel("speedup over inductor (inductor step / variant step)")
@@ -180,7 +181,7 @@ def plot_pareto(records: list[dict[str, Any]], path: str) -> None:
         ax.legend(fontsize="small")
     for ax in axes[max(1, len(models)) :]:
         ax.set_axis_off()
-    fig.suptitle(_title(records, "step time vs peak memory (numbers: memory budget)"))
+    fig.suptitle(_title(records, "training: step time vs peak memory (numbers: memory budget)"), fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -189,7 +190,7 @@ def plot_pareto(records: list[dict[str, Any]], path: str) -> None:
 def _title(records: list[dict[str, Any]], what: str) -> str:
     devices = sorted({r["device_name"] for r in records if r["device_name"]})
     dates = sorted({r["date"][:10] for r in records})
-    return f"{what}: {', '.join(devices) or 'no device'} ({', '.join(dates)})"
+    return f"{what}\n{', '.join(devices) or 'no device'} ({', '.join(dates)})"
 
 
 def write_report(out: str, records: list[dict[str, Any]]) -> list[str]:

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -87,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--time-budget-s", type=float, default=None, help="skip rows that no longer fit; no limit if unset")
     parser.add_argument("--row-timeout-s", type=float, default=600.0, help="kill a row's process after this long")
+    parser.add_argument(
+        "--git-commit", default=None, help="commit to record where the checkout has no .git (default: git rev-parse HEAD)"
+    )
     parser.add_argument("--out", required=True, help="folder for results.json, results.md, plots, logs")
     return parser.parse_args(argv)
 
@@ -104,10 +108,15 @@ def run_row(row: Row, record: dict[str, Any], device: str, timeout_s: float, out
     with open(job_path, "w") as f:
         json.dump({"row": row.as_dict(), "device": device, "record": record}, f)
     begin = time.monotonic()
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, tempfile.TemporaryDirectory(prefix="bench-compile-caches-") as caches:
+        cold_caches = {
+            "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "inductor"),
+            "TRITON_CACHE_DIR": os.path.join(caches, "triton"),
+        }
         child = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.measure", job_path],
             cwd=_REPO,
+            env={**os.environ, **cold_caches},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a timeout also ends its compile workers
@@ -138,6 +147,7 @@ def _summary(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     start = time.monotonic()
     import torch
@@ -146,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     run = {
         "run_id": uuid.uuid4().hex[:12],
         "date": environment.utc_now(),
-        "command": environment.command_line(),
-        "git_commit": environment.git_commit(),
+        "command": environment.command_line(argv),
+        "git_commit": args.git_commit or environment.git_commit(),
     }
     settings = {"steps": args.steps, "warmup": args.warmup, "input_sets": args.input_sets}
     rows = plan_rows(args.models, args.modes, args.backends, args.precisions, args.memory_budgets, args.cuda_graphs)
