@@ -477,5 +477,11 @@ def graph_key(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Option
 def open_graph_cache(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options, device: torch.device, graph_name: str
 ) -> TuningCache | None:
-    """The cache bound to one graph being compiled (what the backend puts in PassContext.cache)."""
-    return open_cache(options, graph_key=graph_key(gm, example_inputs, options, device), graph_name=graph_name)
+    """The cache bound to one graph being compiled (what the backend puts in PassContext.cache);
+    None, with a warning, if the graph cannot be keyed: caching is never worth a failed compile."""
+    try:
+        key = graph_key(gm, example_inputs, options, device)
+    except Exception as e:
+        warnings.warn(f"graphopt: tuning cache off for graph {graph_name}: cannot key it: {e}", CacheWarning)
+        return None
+    return open_cache(options, graph_key=key, graph_name=graph_name)

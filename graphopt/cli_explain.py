@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -15,6 +16,7 @@ from graphopt.run_record import human_bytes, observe_script, run_summary
 HELP = "run a script with graphopt as the backend; print graph breaks, passes, fallbacks, cache use"
 EXAMPLE = """example:
   graphopt explain train.py --steps 2
+  graphopt explain --details train.py           # every decision of every pass, not just its summary
   graphopt explain --force-backend infer.py     # compile with graphopt even where the script asks for inductor
 """
 
@@ -23,10 +25,13 @@ RUNS_SCRIPT = True  # arguments graphopt does not know go to the script
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "%(prog)s [-h] [--force-backend] SCRIPT.py [script args ...]"
+    parser.usage = "%(prog)s [-h] [--force-backend] [--details] SCRIPT.py [script args ...]"
     parser.add_argument("script", help="the Python script to run (it calls torch.compile itself)")
     parser.add_argument(
         "--force-backend", action="store_true", help="make every torch.compile in the script use graphopt"
+    )
+    parser.add_argument(
+        "--details", action="store_true", help="every field of every pass report (fusion groups, plans, ...)"
     )
 
 
@@ -48,7 +53,25 @@ def _cost_text(cost: Any) -> str:
     return ", " + ", ".join(parts) if parts else ""
 
 
-def render_graph(graph: dict[str, Any]) -> Tree:
+_MAX_ITEMS = 30
+
+
+def _add_fields(branch: Tree, report: dict[str, Any]) -> None:
+    """A report's fields, lists and dicts one item per line (fusion groups, remat plans, ...)."""
+    for key, value in report.items():
+        if isinstance(value, (list, dict)) and value:
+            items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+            sub = branch.add(f"{key} ({len(items)})")
+            for index, item in items[:_MAX_ITEMS]:
+                text = ", ".join(f"{k}={v}" for k, v in item.items()) if isinstance(item, dict) else str(item)
+                sub.add(escape(f"{index}: {text}"))
+            if len(items) > _MAX_ITEMS:
+                sub.add(f"... {len(items) - _MAX_ITEMS} more")
+        else:
+            branch.add(escape(f"{key} = {value}"))
+
+
+def render_graph(graph: dict[str, Any], details: bool = False) -> Tree:
     title = f"[bold]{graph['name']}[/bold] ({graph['kind']})"
     tree = Tree(title)
     if graph["error"]:
@@ -57,7 +80,9 @@ def render_graph(graph: dict[str, Any]) -> Tree:
     tree.add(f"output: {_ops_line(graph['ops_out'])}")
     passes = tree.add("passes")
     for record in graph["passes"]:
-        passes.add(f"[cyan]{record['name']}[/cyan] {record['seconds'] * 1e3:.1f} ms: {record['summary']}")
+        branch = passes.add(f"[cyan]{record['name']}[/cyan] {record['seconds'] * 1e3:.1f} ms: {record['summary']}")
+        if details and isinstance(record["report"], dict):
+            _add_fields(branch, record["report"])
     if graph["kernels"]:
         kernels = tree.add(f"kernels ({len(graph['kernels'])})")
         for kernel in graph["kernels"]:
@@ -73,7 +98,7 @@ def render_graph(graph: dict[str, Any]) -> Tree:
     return tree
 
 
-def render(summary: dict[str, Any], console: Console) -> None:
+def render(summary: dict[str, Any], console: Console, details: bool = False) -> None:
     console.print(f"[bold]{summary['script']}[/bold]: {len(summary['graphs'])} graph(s) compiled by graphopt "
                   f"in {summary['seconds']:.1f} s")
     breaks = summary["graph_breaks"]
@@ -87,7 +112,7 @@ def render(summary: dict[str, Any], console: Console) -> None:
     else:
         console.print("graph breaks: none")
     for graph in summary["graphs"]:
-        console.print(render_graph(graph))
+        console.print(render_graph(graph, details))
     if summary["fallbacks"]:
         table = Table(title="eager fallbacks")
         for column in ("op", "reason", "times"):
@@ -101,5 +126,5 @@ def render(summary: dict[str, Any], console: Console) -> None:
 
 def main(args: argparse.Namespace, console: Console) -> int:
     script = check_script(args.script)
-    render(run_summary(observe_script(script, args.args, force_backend=args.force_backend)), console)
+    render(run_summary(observe_script(script, args.args, force_backend=args.force_backend)), console, args.details)
     return 0

@@ -78,7 +78,7 @@ def test_explain_prints_graph_breaks_passes_ops_and_cache_use(tmp_path, small_sc
     script = tmp_path / "cached.py"
     script.write_text("import caching_hook\n" + SMALL_SCRIPT)
     trace_dir = tmp_path / "trace"
-    cold = run_cli("explain", str(script), "--steps", "1", env={"TORCH_TRACE": str(trace_dir)})
+    cold = run_cli("explain", "--details", str(script), "--steps", "1", env={"TORCH_TRACE": str(trace_dir)})
     assert cold.returncode == 0, cold.stderr
     out = cold.stdout
     assert "script args: ['--steps', '1']" in out
@@ -88,6 +88,7 @@ def test_explain_prints_graph_breaks_passes_ops_and_cache_use(tmp_path, small_sc
         assert graph in out
     assert "cleanup" in out and "removed_identity_views" in out and "planning" in out
     assert "addmm.default x1" in out  # op counts
+    assert "groups (1)" in out and "merges=['vertical:" in out  # --details: the fusion report's fields
     assert out.count("test-plan: 0 hit / 1 miss") == 4
     warm = run_cli("explain", str(script))
     assert warm.returncode == 0, warm.stderr
