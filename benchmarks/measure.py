@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -84,8 +85,9 @@ def _warm_compile(model, row, cache_dir, inputs, device, record: dict[str, Any])
     record["warm_cache_misses"] = sum(not lookup.hit for lookup in seen)
 
 
-def measure(row: Row, device: torch.device, record: dict[str, Any]) -> None:
-    """Fill `record` with the row's measurements; raises on failure, leaving what was measured."""
+def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callable[[], None]) -> None:
+    """Fill `record` with the row's measurements, calling `save` after each phase, so that a row
+    killed by its timeout keeps what it measured; raises on failure, leaving what was measured."""
     record["device"] = device.type
     record["device_name"] = environment.device_name(device)
     record["versions"] = environment.versions()
@@ -100,6 +102,7 @@ def measure(row: Row, device: torch.device, record: dict[str, Any]) -> None:
             compiled = backends.compile_model(model, row, cache_dir)
             step = _step_function(compiled, model, row, inputs, device)
             record["compile_s"] = timing.time_call_s(lambda: step(0), device)
+            save()
             for i in range(1, 1 + record["warmup"]):
                 step(i)
             timing.synchronize(device)
@@ -111,6 +114,7 @@ def measure(row: Row, device: torch.device, record: dict[str, Any]) -> None:
             record["step_ms_median"] = statistics.median(times)
             if device.type == "cuda":
                 record["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+            save()
             if row.backend == "graphopt" and backends.supports_warm_cache():
                 del compiled, step
                 gc.collect()
@@ -126,18 +130,24 @@ def main(argv: list[str] | None = None) -> int:
     record = job["record"]
     row = Row(**job["row"])
     device = torch.device(job["device"])
+
+    def save() -> None:
+        if row.backend == "graphopt":
+            record["fallbacks"] = _fallbacks()
+        partial = job_path + ".partial"  # written aside and renamed: a kill never leaves half a file
+        with open(partial, "w") as f:
+            json.dump({**job, "record": record}, f, indent=1)
+        os.replace(partial, job_path)
+
     try:
-        measure(row, device, record)
+        measure(row, device, record, save)
         record["status"] = "ok"
     except Exception as e:
         traceback.print_exc()
         record["status"] = "error"
         record["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
     finally:
-        if row.backend == "graphopt":
-            record["fallbacks"] = _fallbacks()
-        with open(job_path, "w") as f:
-            json.dump({**job, "record": record}, f, indent=1)
+        save()
     return 0
 
 

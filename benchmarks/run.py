@@ -130,7 +130,9 @@ def run_row(row: Row, record: dict[str, Any], device: str, timeout_s: float, out
             ended = f"killed after {timeout_s:.0f} s (row timeout or the run's time budget)"
     with open(job_path) as f:
         result = json.load(f)["record"]
-    os.remove(job_path)
+    for leftover in (job_path, job_path + ".partial"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
     if ended or result["status"] not in ("ok", "error"):
         result["status"] = "error"
         result["error"] = (ended or f"row process exited with code {child.returncode}") + "\n" + _log_tail(log_path)
