@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from benchmarks import measure, report, run
+from benchmarks import backends, measure, report, run
 from benchmarks.backends import graphopt_option_names
 from benchmarks.models import MODELS, get_model, logits_of
 from benchmarks.record import new_record, read_results, schema_errors, write_results
@@ -68,6 +68,19 @@ def test_suite_models_build_lazily_and_tiny_runs():
     assert logits_of(model(x)).shape == x.shape
     with pytest.raises(ValueError, match="unknown benchmark model"):
         get_model("nope")
+
+
+def test_inductor_budget_is_set_only_while_its_row_runs():
+    default = torch._functorch.config.activation_memory_budget
+    with backends.compile_config(Row("tiny", "train", "inductor", memory_budget=0.3)):
+        assert torch._functorch.config.activation_memory_budget == 0.3
+    with backends.compile_config(Row("tiny", "train", "graphopt", memory_budget=0.3)):
+        assert torch._functorch.config.activation_memory_budget == default
+    assert torch._functorch.config.activation_memory_budget == default
+    assert backends.compile_options(Row("tiny", "train", "inductor", memory_budget=0.3, cuda_graphs=True), None) == {
+        "mode": "reduce-overhead",
+        "activation_memory_budget": 0.3,
+    }
 
 
 def test_fewer_than_20_timed_steps_rejected(capsys):
