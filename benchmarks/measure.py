@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -71,6 +71,23 @@ def _fallbacks() -> list[dict[str, Any]]:
     return [{"op": f.op, "reason": f.reason, "count": n} for f, n in fallbacks().items()]
 
 
+@contextlib.contextmanager
+def _pass_seconds(row: Row, record: dict[str, Any]) -> Iterator[None]:
+    """For graphopt rows: seconds spent in each graphopt pass (summed over graphs) while the block runs."""
+    if row.backend != "graphopt":
+        yield
+        return
+    from graphopt import events
+
+    with events.capture() as graphs:
+        yield
+    seconds: dict[str, float] = {}
+    for graph in graphs:
+        for pass_record in graph.records:
+            seconds[pass_record.name] = seconds.get(pass_record.name, 0.0) + pass_record.seconds
+    record["pass_seconds"] = seconds
+
+
 def _warm_compile(model, row, cache_dir, inputs, device, record: dict[str, Any]) -> None:
     """Compile again from a reset Dynamo with the same tuning-cache folder: the warm-cache first call."""
     from graphopt.cache import lookups, reset_lookups
@@ -101,7 +118,8 @@ def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callab
         with backends.compile_config(row):
             compiled = backends.compile_model(model, row, cache_dir)
             step = _step_function(compiled, model, row, inputs, device)
-            record["compile_s"] = timing.time_call_s(lambda: step(0), device)
+            with _pass_seconds(row, record):
+                record["compile_s"] = timing.time_call_s(lambda: step(0), device)
             save()
             for i in range(1, 1 + record["warmup"]):
                 step(i)

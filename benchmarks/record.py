@@ -58,6 +58,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "warm_cache_hits": _OPTIONAL_NUMBER,
     "warm_cache_misses": _OPTIONAL_NUMBER,
     "graph_breaks": _OPTIONAL_NUMBER,
+    "pass_seconds": (dict,),
     "fallbacks": (list,),
     "wall_s": _NUMBER,
 }
@@ -75,6 +76,7 @@ def new_record(
         status="skipped",
         versions={},
         compile_options=compile_options,
+        pass_seconds={},
         step_ms=[],
         fallbacks=[],
         wall_s=0.0,
