@@ -69,10 +69,20 @@ def _steps(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=_choices(list(MODELS)), default=list(SUITE), help="comma-separated")
-    parser.add_argument("--modes", type=_choices(MODES), default=list(MODES))
-    parser.add_argument("--backends", type=_choices(BACKENDS), default=list(BACKENDS))
-    parser.add_argument("--precisions", type=_choices(PRECISIONS), default=["bf16"], help="bf16 = autocast")
+    listed = "comma-separated, of {}; default {}".format
+    parser.add_argument(
+        "--models", type=_choices(list(MODELS)), default=list(SUITE), help=listed(",".join(MODELS), ",".join(SUITE))
+    )
+    parser.add_argument("--modes", type=_choices(MODES), default=list(MODES), help=listed(",".join(MODES), "all"))
+    parser.add_argument(
+        "--backends", type=_choices(BACKENDS), default=list(BACKENDS), help=listed(",".join(BACKENDS), "all")
+    )
+    parser.add_argument(
+        "--precisions",
+        type=_choices(PRECISIONS),
+        default=["bf16"],
+        help=listed(",".join(PRECISIONS), "bf16") + " (bf16: autocast over fp32 weights)",
+    )
     parser.add_argument(
         "--memory-budgets",
         type=_budgets,
