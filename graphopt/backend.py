@@ -80,7 +80,7 @@ def compile_graph(
         events.graph_compiled(events.CompiledGraphInfo(name, kind, gm, gm, [], error=e))
         return CompiledGraph(gm, name)
     events.graph_compiled(events.CompiledGraphInfo(name, kind, gm, result.gm, result.records))
-    return CompiledGraph(result.gm, name)
+    return CompiledGraph(result.gm, name, cuda_graphs=options.cuda_graphs)
 
 
 def _compilers(options: Options) -> dict[str, Callable[..., Any]]:

@@ -58,6 +58,12 @@ class Options:
         "a directory path | None",
         "folder of the tuning cache; None: $GRAPHOPT_CACHE_DIR, else the user cache dir (platformdirs)",
     )
+    cuda_graphs: bool = _option(
+        False,
+        _as_bool,
+        "True | False",
+        "record each compiled graph as one CUDA graph and replay it (static shapes, CUDA inputs; else runs without)",
+    )
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> Options:
@@ -91,7 +97,7 @@ def options_table() -> list[tuple[str, str, str, str]]:
 
 
 # torch.compile(mode=...) values graphopt honours, and the options each one implies.
-MODES: dict[str, dict[str, Any]] = {"default": {}}
+MODES: dict[str, dict[str, Any]] = {"default": {}, "reduce-overhead": {"cuda_graphs": True}}
 
 
 def options_for(mode: str | None, options: Mapping[str, Any] | None) -> Options:

@@ -2,9 +2,14 @@
 
 The final GraphModule's generated Python is the program: ATen calls for extern
 ops, and `call_function` nodes whose target is a `GuardedCall` for anything
-graphopt compiled itself. A GuardedCall that fails (a Triton compile error, a
-launch failure) warns once naming the op and the reason, then runs its eager
-subgraph for good, so the model still runs.
+graphopt compiled itself (a fused kernel's launcher, which allocates its
+outputs per call with the layout the graph promised). A GuardedCall that fails
+(a Triton compile error, a launch failure) warns once naming the op and the
+reason, then runs its eager subgraph for good, so the model still runs.
+
+With `cuda_graphs` on, CompiledGraph records the whole graph in one CUDA graph
+and replays it, which removes the per-kernel launch cost (what
+torch.compile(mode="reduce-overhead") asks for).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import fx
 
 from graphopt.fallback import warn_fallback
@@ -46,6 +52,100 @@ class GuardedCall:
         return f"GuardedCall({self.__name__})"
 
 
+class CudaGraphRunner:
+    """Replays one graph as a CUDA graph.
+
+    Call 1 runs normally (compiles and warms up every kernel). Call 2 records the graph:
+    inputs whose storage stayed put across calls 1 and 2 (parameters, buffers) are read in
+    place; the others are copied into static buffers before each replay. Outputs are
+    copied out of the graph's memory, since the next replay overwrites it. If a graph
+    cannot be recorded (dynamic sizes, non-CUDA inputs) or a stable input moves, it warns
+    once and runs without CUDA graphs from then on.
+    """
+
+    def __init__(self, forward: Callable[..., Any], name: str, dynamic: bool):
+        self.forward = forward
+        self.name = name
+        self.disabled = dynamic
+        if dynamic:
+            warn_fallback(f"CUDA graph of {name}", "the graph has dynamic sizes")
+        self.calls = 0
+        self.first_ptrs: list[int | None] | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: list[Any] = []
+        self.recorded_ptrs: list[int | None] = []
+        self.copied: list[int] = []
+        self.outputs: Any = None
+
+    @staticmethod
+    def _ptrs(inputs: list[Any]) -> list[int | None]:
+        return [t.data_ptr() if isinstance(t, torch.Tensor) else None for t in inputs]
+
+    def _disable(self, reason: str) -> None:
+        self.disabled = True
+        self.graph = None
+        self.static_inputs = []
+        warn_fallback(f"CUDA graph of {self.name}", reason)
+
+    def __call__(self, inputs: list[Any]) -> Any:
+        if self.disabled:
+            return self.forward(*inputs)
+        self.calls += 1
+        if self.calls == 1:
+            tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+            if not torch.cuda.is_available() or not all(t.is_cuda for t in tensors):
+                self._disable("not every input is a CUDA tensor")
+                return self.forward(*inputs)
+            self.first_ptrs = self._ptrs(inputs)
+            return self.forward(*inputs)
+        if self.graph is None:
+            return self._record(inputs)
+        return self._replay(inputs)
+
+    def _record(self, inputs: list[Any]) -> Any:
+        ptrs = self._ptrs(inputs)
+        self.copied = [i for i, (a, b) in enumerate(zip(ptrs, self.first_ptrs)) if a is not None and a != b]
+        self.static_inputs = list(inputs)
+        for i in self.copied:
+            self.static_inputs[i] = inputs[i].clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on the capture stream, as CUDA graphs require
+            self.forward(*self.static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self.forward(*self.static_inputs)
+        self.graph = graph
+        self.recorded_ptrs = self._ptrs(self.static_inputs)
+        return self._replay(inputs)
+
+    def _replay(self, inputs: list[Any]) -> Any:
+        copied = set(self.copied)
+        for i, (t, ptr) in enumerate(zip(inputs, self.recorded_ptrs)):
+            if i in copied:
+                self.static_inputs[i].copy_(t)
+            elif isinstance(t, torch.Tensor) and t.data_ptr() != ptr:
+                self._disable(f"input {i} moved in memory after the graph was recorded")
+                return self.forward(*inputs)
+        self.graph.replay()
+        return _copy_out(self.outputs)
+
+
+def _is_symbolic(value: Any) -> bool:
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape)
+
+
+def _copy_out(outputs: Any) -> Any:
+    if isinstance(outputs, torch.Tensor):
+        return outputs.clone()
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_copy_out(o) for o in outputs)
+    return outputs
+
+
 class CompiledGraph:
     """Runs one final GraphModule with AOTAutograd's boxed calling convention.
 
@@ -55,13 +155,19 @@ class CompiledGraph:
     the instance `__dict__` (functools.wraps), not class attributes.
     """
 
-    def __init__(self, gm: fx.GraphModule, name: str):
+    def __init__(self, gm: fx.GraphModule, name: str, cuda_graphs: bool = False):
         self._boxed_call = True
         self.gm = gm
         self.name = name
         self._forward = gm.forward
+        self.cuda_graph: CudaGraphRunner | None = None
+        if cuda_graphs:
+            dynamic = any(_is_symbolic(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
+            self.cuda_graph = CudaGraphRunner(gm.forward, name, dynamic)
 
     def __call__(self, args: list[Any]) -> Any:
         inputs = list(args)
         args.clear()
+        if self.cuda_graph is not None:
+            return self.cuda_graph(inputs)
         return self._forward(*inputs)

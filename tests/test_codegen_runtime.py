@@ -1,0 +1,57 @@
+"""The runtime of generated code: output layouts, CUDA-graph mode's fallbacks on a CPU machine."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from fusion_helpers import run_fused
+
+from graphopt.fallback import GraphoptFallbackWarning, reset_fallbacks
+from graphopt.options import options_for
+
+aten = torch.ops.aten
+
+
+def test_outputs_have_the_layout_the_graph_promised():
+    """A channels-last input gives a channels-last result in eager; the kernel's output must match."""
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+
+    def fn(x):
+        return aten.relu.default(aten.mul.Tensor(x, 2))
+
+    result, _ = run_fused(fn, x)
+    assert result.stride() == fn(x).stride()
+    torch.testing.assert_close(result, fn(x))
+
+
+def test_inputs_with_other_strides_than_traced_are_relaid_out():
+    """Meta said contiguous; a strided tensor arriving at run time is copied to that layout first."""
+    x = torch.randn(6, 8)
+
+    def fn(x):
+        return aten.exp.default(x)
+
+    from fusion_helpers import fuse
+
+    gm, _ = fuse(fn, x)
+    strided = torch.randn(8, 6).t()
+    torch.testing.assert_close(gm(strided), strided.exp())
+
+
+def test_reduce_overhead_mode_means_cuda_graphs():
+    assert options_for("reduce-overhead", None).cuda_graphs is True
+    assert options_for("reduce-overhead", {"cuda_graphs": False}).cuda_graphs is False
+
+
+def test_cuda_graphs_on_cpu_inputs_warn_once_and_run_normally():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    compiled = torch.compile(model, backend="graphopt", mode="reduce-overhead")
+    reset_fallbacks()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = torch.randn(4, 8)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    cuda_warnings = [w for w in caught if issubclass(w.category, GraphoptFallbackWarning) and "CUDA graph" in str(w.message)]
+    assert len(cuda_warnings) == 1 and "CUDA tensor" in str(cuda_warnings[0].message)
