@@ -33,6 +33,10 @@ def _ok(record: dict[str, Any]) -> bool:
     return record["status"] == "ok"
 
 
+def _is_baseline(record: dict[str, Any]) -> bool:
+    return record["backend"] == "inductor" and record["memory_budget"] is None and not record["cuda_graphs"]
+
+
 def speedup_vs_inductor(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
     """(run_id, key) -> inductor's median step time / this row's, for rows whose run has that baseline.
 
@@ -42,7 +46,7 @@ def speedup_vs_inductor(records: list[dict[str, Any]]) -> dict[tuple[str, str], 
     baselines = {
         (r["run_id"], r["model"], r["mode"], r["precision"]): r["step_ms_median"]
         for r in records
-        if _ok(r) and r["backend"] == "inductor" and r["memory_budget"] is None and not r["cuda_graphs"]
+        if _ok(r) and _is_baseline(r)
     }
     ratios = {}
     for r in filter(_ok, records):
@@ -127,9 +131,9 @@ def _no_data(ax, text: str) -> None:
 def plot_speedup(records: list[dict[str, Any]], path: str) -> None:
     """Bars of speedup over inductor per model/mode (one bar per variant; 1.0 = inductor)."""
     ratios = speedup_vs_inductor(records)
-    latest: dict[tuple[str, str], dict[str, float]] = {}
+    latest: dict[str, dict[str, float]] = {}
     for r in records:
-        if (r["run_id"], r["key"]) in ratios and r["label"] != "inductor":
+        if (r["run_id"], r["key"]) in ratios and not _is_baseline(r):
             group = f"{r['model']}\n{r['mode']}" + ("" if r["precision"] == "bf16" else f" {r['precision']}")
             latest.setdefault(group, {})[r["label"]] = ratios[(r["run_id"], r["key"])]
     plt, fig, (ax,) = _figure(1)
@@ -142,8 +146,8 @@ def plot_speedup(records: list[dict[str, Any]], path: str) -> None:
         for i, label in enumerate(labels):
             xs = [g + (i - (len(labels) - 1) / 2) * width for g, bars in enumerate(latest.values()) if label in bars]
             ys = [bars[label] for bars in latest.values() if label in bars]
-            bars = ax.bar(xs, ys, width, label=label)
-            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+            drawn = ax.bar(xs, ys, width, label=label)
+            ax.bar_label(drawn, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(latest)), list(latest))
         ax.set_ylabel("speedup over inductor (inductor step / variant step)")
