@@ -114,31 +114,30 @@ def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callab
     if row.mode == "infer":
         model.eval()
     inputs = [spec.inputs(seed, device) for seed in range(record["input_sets"])]
-    with tempfile.TemporaryDirectory(prefix="graphopt-bench-cache-") as cache_dir:
-        with backends.compile_config(row):
-            compiled = backends.compile_model(model, row, cache_dir)
-            step = _step_function(compiled, model, row, inputs, device)
-            with _pass_seconds(row, record):
-                record["compile_s"] = timing.time_call_s(lambda: step(0), device)
-            save()
-            for i in range(1, 1 + record["warmup"]):
-                step(i)
-            timing.synchronize(device)
-            record["graph_breaks"] = _graph_breaks()
+    with tempfile.TemporaryDirectory(prefix="graphopt-bench-cache-") as cache_dir, backends.compile_config(row):
+        compiled = backends.compile_model(model, row, cache_dir)
+        step = _step_function(compiled, model, row, inputs, device)
+        with _pass_seconds(row, record):
+            record["compile_s"] = timing.time_call_s(lambda: step(0), device)
+        save()
+        for i in range(1, 1 + record["warmup"]):
+            step(i)
+        timing.synchronize(device)
+        record["graph_breaks"] = _graph_breaks()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = timing.time_steps(step, 1 + record["warmup"], record["steps"], device)
+        record["step_ms"] = times
+        record["step_ms_median"] = statistics.median(times)
+        if device.type == "cuda":
+            record["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        save()
+        if row.backend == "graphopt" and backends.supports_warm_cache():
+            del compiled, step
+            gc.collect()
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = timing.time_steps(step, 1 + record["warmup"], record["steps"], device)
-            record["step_ms"] = times
-            record["step_ms_median"] = statistics.median(times)
-            if device.type == "cuda":
-                record["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-            save()
-            if row.backend == "graphopt" and backends.supports_warm_cache():
-                del compiled, step
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                _warm_compile(model, row, cache_dir, inputs, device, record)
+                torch.cuda.empty_cache()
+            _warm_compile(model, row, cache_dir, inputs, device, record)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         measure(row, device, record, save)
         record["status"] = "ok"
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  any failure of the row is its result, recorded, not raised
         traceback.print_exc()
         record["status"] = "error"
         record["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
