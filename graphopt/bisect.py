@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import random
 import runpy
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,9 +55,7 @@ def compare(expected: Any, actual: Any, rtol: float, atol: float) -> str | None:
 
 
 def _detached(value: Any) -> Any:
-    return torch.utils._pytree.tree_map(
-        lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value
-    )
+    return torch.utils._pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
 
 @dataclasses.dataclass
@@ -129,8 +128,6 @@ class Bisector:
     def _outputs(self, compile_mode: str | None) -> Any:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        import random
-
         random.seed(0)
         with patched_compile(compile_mode):
             return _detached(call_main(self.script, self.args))
@@ -162,24 +159,20 @@ class Bisector:
                 f"the result differs even with every pass off ({with_none}): the difference comes from "
                 "AOTAutograd, decompositions or the runtime, not from a pass"
             )
-        good, bad = 0, len(longest)
-        while bad - good > 1:
-            middle = (good + bad) // 2
-            differs, _ = self._trial(_Selection(passes=middle), reference)
-            self.log(f"  first {middle} pass(es) {[n for n, _ in longest[:middle]]}: {'differs' if differs else 'same'}")
-            if differs:
-                bad = middle
-            else:
-                good = middle
+
+        def differs_with_passes(k: int) -> bool:
+            differs, _ = self._trial(_Selection(passes=k), reference)
+            self.log(f"  first {k} pass(es) {[n for n, _ in longest[:k]]}: {'differs' if differs else 'same'}")
+            return differs is not None
+
+        bad = _first_bad(len(longest), differs_with_passes)
         result.culprit_index, result.culprit = bad - 1, longest[bad - 1][0]
         kernel_candidate = self._bisect_kernels(result, bad, reference)
         self._write_repro(result, bad, reference, repro_path, kernel_candidate)
         result.trials = self.trials
         return result
 
-    def _bisect_kernels(
-        self, result: BisectResult, passes: int, reference: Any
-    ) -> _Candidate | None:
+    def _bisect_kernels(self, result: BisectResult, passes: int, reference: Any) -> _Candidate | None:
         """Names the first kernel that makes the difference; returns its eager subgraph as a repro candidate."""
         probe = _Selection(passes=passes)
         self._trial(probe, reference)
@@ -194,16 +187,13 @@ class Bisector:
                 "subgraphs: it is in the pass's graph rewrite, not in a kernel"
             )
             return None
-        good, bad = 0, len(kernels)
-        while bad - good > 1:
-            middle = (good + bad) // 2
-            differs, _ = self._trial(_Selection(passes=passes, kernels=middle), reference)
-            self.log(f"  first {middle} of {len(kernels)} kernels generated: {'differs' if differs else 'same'}")
-            if differs:
-                bad = middle
-            else:
-                good = middle
-        result.kernel = kernels[bad - 1]
+
+        def differs_with_kernels(j: int) -> bool:
+            differs, _ = self._trial(_Selection(passes=passes, kernels=j), reference)
+            self.log(f"  first {j} of {len(kernels)} kernels generated: {'differs' if differs else 'same'}")
+            return differs is not None
+
+        result.kernel = kernels[_first_bad(len(kernels), differs_with_kernels) - 1]
         subgraph, graph_name = probe.kernel_subgraphs[result.kernel]
         result.kernel_ops = sorted({node_op_name(n) for n in subgraph.graph.nodes if n.op == "call_function"})
         ctx, pipeline = probe.pipelines[graph_name]
@@ -249,6 +239,18 @@ class Bisector:
                 return
             problems.append(f"{candidate.where}: does not reproduce on random inputs")
         result.repro_note = "; ".join(problems) or "no graph ran the culprit pass"
+
+
+def _first_bad(bad: int, differs_at: Callable[[int], bool]) -> int:
+    """The smallest k in 1..bad with differs_at(k), given not differs_at(0) and differs_at(bad)."""
+    good = 0
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if differs_at(middle):
+            bad = middle
+        else:
+            good = middle
+    return bad
 
 
 def _reproduces(path: str) -> bool:

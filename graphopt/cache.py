@@ -193,9 +193,11 @@ class TuningCache:
 
     def _lookup(self, namespace: str, key: str) -> Any:
         try:
-            row = self._conn().execute(
-                "SELECT value FROM entries WHERE namespace = ? AND key = ?", (namespace, key)
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute("SELECT value FROM entries WHERE namespace = ? AND key = ?", (namespace, key))
+                .fetchone()
+            )
             value = _MISSING if row is None else json.loads(row[0])
         except (sqlite3.Error, ValueError) as e:
             self._degraded(e)
@@ -238,18 +240,26 @@ class TuningCache:
     def find(self, key_prefix: str) -> list[Entry]:
         """Entries whose key starts with `key_prefix` (what `cache show` accepts)."""
         escaped = key_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        rows = self._conn().execute(
-            "SELECT namespace, key, value, graph_name, created, last_used, hits FROM entries "
-            "WHERE key LIKE ? ESCAPE '\\' ORDER BY namespace",
-            (escaped + "%",),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT namespace, key, value, graph_name, created, last_used, hits FROM entries "
+                "WHERE key LIKE ? ESCAPE '\\' ORDER BY namespace",
+                (escaped + "%",),
+            )
+            .fetchall()
+        )
         return [Entry(ns, k, json.loads(v), g, c, u, h) for ns, k, v, g, c, u, h in rows]
 
     def graph_stats(self) -> list[GraphStats]:
-        rows = self._conn().execute(
-            "SELECT graph_key, namespace, graph_name, hits, misses, last_seen FROM graph_stats "
-            "ORDER BY last_seen DESC, namespace"
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT graph_key, namespace, graph_name, hits, misses, last_seen FROM graph_stats "
+                "ORDER BY last_seen DESC, namespace"
+            )
+            .fetchall()
+        )
         return [GraphStats(*row) for row in rows]
 
     def clear(self) -> int:
@@ -268,7 +278,13 @@ class TuningCache:
             "format": EXPORT_FORMAT,
             "schema_version": SCHEMA_VERSION,
             "entries": [
-                {"namespace": e.namespace, "key": e.key, "value": e.value, "graph_name": e.graph_name, "created": e.created}
+                {
+                    "namespace": e.namespace,
+                    "key": e.key,
+                    "value": e.value,
+                    "graph_name": e.graph_name,
+                    "created": e.created,
+                }
                 for e in entries
             ],
         }
@@ -283,12 +299,18 @@ class TuningCache:
         if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{file} is not a graphopt cache export")
         if document.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(
-                f"{file} has cache schema version {document.get('schema_version')}, this graphopt reads {SCHEMA_VERSION}"
-            )
+            found = document.get("schema_version")
+            raise ValueError(f"{file} has cache schema version {found}, this graphopt reads {SCHEMA_VERSION}")
         now = time.time()
         rows = [
-            (e["namespace"], e["key"], json.dumps(e["value"], sort_keys=True), e.get("graph_name"), e.get("created", now), now)
+            (
+                e["namespace"],
+                e["key"],
+                json.dumps(e["value"], sort_keys=True),
+                e.get("graph_name"),
+                e.get("created", now),
+                now,
+            )
             for e in document["entries"]
         ]
         conn = self._conn()
@@ -366,7 +388,9 @@ def _open_checked(path: str) -> sqlite3.Connection:
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(path + suffix):
                 os.replace(path + suffix, aside + suffix)
-        warnings.warn(f"graphopt: tuning cache {path} is {problem}; moved it to {aside} and started a new one", CacheWarning)
+        warnings.warn(
+            f"graphopt: tuning cache {path} is {problem}; moved it to {aside} and started a new one", CacheWarning
+        )
         return _initialize(path)
 
 

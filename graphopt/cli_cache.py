@@ -68,8 +68,10 @@ def main(args: argparse.Namespace, console: Console) -> int:
         if len({e.key for e in found}) > 1:
             raise CliError(f"key prefix {args.key!r} matches {len(found)} entries; give more of the key")
         for e in found:
-            console.print(f"[bold]{e.namespace}[/bold] {e.key} (graph {e.graph_name or '-'}, {e.hits} hits, "
-                          f"created {_when(e.created)})")
+            console.print(
+                f"[bold]{e.namespace}[/bold] {e.key} (graph {e.graph_name or '-'}, {e.hits} hits, "
+                f"created {_when(e.created)})"
+            )
             console.print_json(json.dumps(e.value))
     elif args.action == "clear":
         console.print(f"removed {cache.clear()} entries from {cache.path}")
@@ -94,8 +96,10 @@ def _stats(cache: TuningCache, console: Console) -> None:
     per_namespace: dict[str, int] = {}
     for e in entries:
         per_namespace[e.namespace] = per_namespace.get(e.namespace, 0) + 1
-    console.print(f"{cache.path}: {size / 1024:.1f} KiB, {len(entries)} entries "
-                  f"({', '.join(f'{ns}: {n}' for ns, n in sorted(per_namespace.items())) or 'none'})")
+    console.print(
+        f"{cache.path}: {size / 1024:.1f} KiB, {len(entries)} entries "
+        f"({', '.join(f'{ns}: {n}' for ns, n in sorted(per_namespace.items())) or 'none'})"
+    )
     stats = cache.graph_stats()
     hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
     rate = f"{100 * hits / (hits + misses):.0f}%" if hits + misses else "-"

@@ -69,9 +69,15 @@ def pass_diff(folder: str, pass_name: str, context: int = 3) -> str | None:
 def main(args: argparse.Namespace, console: Console) -> int:
     if not os.path.isdir(args.dir):
         raise CliError(f"no such dump folder: {args.dir}")
-    folders = [args.dir] if _stages(args.dir) else [
-        os.path.join(args.dir, name) for name in sorted(os.listdir(args.dir)) if _stages(os.path.join(args.dir, name))
-    ]
+    folders = (
+        [args.dir]
+        if _stages(args.dir)
+        else [
+            os.path.join(args.dir, name)
+            for name in sorted(os.listdir(args.dir))
+            if _stages(os.path.join(args.dir, name))
+        ]
+    )
     if not folders:
         raise CliError(f"{args.dir} holds no graph stages (NN_<pass>.py files); make one with `graphopt dump`")
     shown = 0

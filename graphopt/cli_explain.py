@@ -99,8 +99,10 @@ def render_graph(graph: dict[str, Any], details: bool = False) -> Tree:
 
 
 def render(summary: dict[str, Any], console: Console, details: bool = False) -> None:
-    console.print(f"[bold]{summary['script']}[/bold]: {len(summary['graphs'])} graph(s) compiled by graphopt "
-                  f"in {summary['seconds']:.1f} s")
+    console.print(
+        f"[bold]{summary['script']}[/bold]: {len(summary['graphs'])} graph(s) compiled by graphopt "
+        f"in {summary['seconds']:.1f} s"
+    )
     breaks = summary["graph_breaks"]
     if breaks:
         table = Table(title=f"graph breaks ({sum(breaks.values())})", show_lines=False)

@@ -19,9 +19,7 @@ from graphopt.pipeline import PassRecord, readable
 
 
 def _artifact(name: str, encoding: str, payload_fn) -> None:
-    trace_structured(
-        "artifact", metadata_fn=lambda: {"name": name, "encoding": encoding}, payload_fn=payload_fn
-    )
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding}, payload_fn=payload_fn)
 
 
 def trace_graph_records(graph_name: str, gm: fx.GraphModule, records: Sequence[PassRecord]) -> None:

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from torch import fx
 
 import graphopt.pipeline as pipeline
 from graphopt import cache as cache_module
@@ -46,7 +45,11 @@ def test_statistics_are_counted_per_graph_in_the_file_and_in_the_process(cache_d
     cache.get("fusion", "other")
     stats = {(s.graph_key, s.namespace): (s.hits, s.misses, s.graph_name) for s in cache.graph_stats()}
     assert stats == {("abc", "remat"): (1, 1, "g0_forward"), ("abc", "fusion"): (0, 1, "g0_forward")}
-    assert [(lk.namespace, lk.hit) for lk in cache_module.lookups()] == [("remat", False), ("remat", True), ("fusion", False)]
+    assert [(lk.namespace, lk.hit) for lk in cache_module.lookups()] == [
+        ("remat", False),
+        ("remat", True),
+        ("fusion", False),
+    ]
     assert cache.entries("remat")[0].hits == 1
 
 
@@ -143,7 +146,7 @@ def _hammer(path, worker, rounds, errors):
         for i in range(rounds):
             cache.put("plan", f"w{worker}-{i}", {"worker": worker, "i": i})
             assert cache.get("plan", f"w{worker}-{i}") == {"worker": worker, "i": i}
-            shared = cache.get_or_compute("shared", f"s{i}", lambda: {"i": i})
+            shared = cache.get_or_compute("shared", f"s{i}", lambda i=i: {"i": i})
             assert shared == {"i": i}
     except BaseException as e:  # reported to the parent, which fails the test
         errors.put(f"worker {worker}: {type(e).__name__}: {e}")

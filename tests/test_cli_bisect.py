@@ -86,14 +86,20 @@ def _bisect(tmp_path, hook_name, hook_source, *extra):
     repro = tmp_path / "repro.py"
     done = subprocess.run(
         [GRAPHOPT, "bisect", str(script), "--repro", str(repro), *extra],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
     )
     return done, repro
 
 
 def _run_repro(tmp_path, repro):
     return subprocess.run(
-        [sys.executable, str(repro)], capture_output=True, text=True, timeout=300,
+        [sys.executable, str(repro)],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
 
@@ -101,7 +107,10 @@ def _run_repro(tmp_path, repro):
 def test_bisect_names_the_broken_pass_and_writes_a_repro_that_reproduces(tmp_path):
     done, repro = _bisect(tmp_path, "broken_pass_hook", BROKEN_PASS_HOOK)
     assert done.returncode == 0, done.stderr
-    assert "first pass that changes the result: add_becomes_sub (pass 3 of 4: cleanup, harmless, add_becomes_sub, fusion" in done.stdout
+    assert (
+        "first pass that changes the result: add_becomes_sub (pass 3 of 4: cleanup, harmless, add_becomes_sub, fusion"
+        in done.stdout
+    )
     assert "emits no generated kernels; bisected passes only" in done.stdout
     assert "reproduces)" in done.stdout
     replayed = _run_repro(tmp_path, repro)
