@@ -37,6 +37,7 @@ from torch import fx
 from graphopt.options import Options
 
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for other processes' writes before it counts as failed
 FILE_NAME = "tuning.sqlite"
 EXPORT_FORMAT = "graphopt-tuning-cache"
 
@@ -161,7 +162,10 @@ class TuningCache:
     def _degraded(self, error: Exception) -> None:
         if not self._warned:
             self._warned = True
-            warnings.warn(f"graphopt: tuning cache {self.path} unusable, treating as a miss: {error}", CacheWarning)
+            warnings.warn(
+                f"graphopt: tuning cache {self.path}: {error}; failed lookups count as misses, failed writes are skipped",
+                CacheWarning,
+            )
 
     # -- the API passes use -----------------------------------------------------------
 
@@ -347,9 +351,9 @@ def open_cache(
 
 def _connect(path: str) -> sqlite3.Connection:
     # Autocommit (isolation_level=None): each statement is its own transaction unless
-    # _transaction opens one. 30 s busy timeout: writers of other processes finish first.
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 30000")
+    # _transaction opens one. The busy timeout lets writers of other processes finish first.
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     return conn
 
 
@@ -382,6 +386,8 @@ def _open_checked(path: str) -> sqlite3.Connection:
             return _initialize(path)
         except _Incompatible as e:
             problem = str(e)
+        except sqlite3.OperationalError:
+            raise  # busy, locked, unreadable folder: the file may be fine, so it stays where it is
         except sqlite3.DatabaseError as e:
             problem = f"not a readable SQLite database ({e})"
         aside = f"{path}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -410,8 +416,11 @@ def _initialize(path: str) -> sqlite3.Connection:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif found != SCHEMA_VERSION:
             raise _Incompatible(f"cache schema version {found}, this graphopt uses {SCHEMA_VERSION}")
-        conn.execute("SELECT namespace, key, value, graph_name, created, last_used, hits FROM entries LIMIT 1")
-        conn.execute("SELECT graph_key, namespace, graph_name, hits, misses, last_seen FROM graph_stats LIMIT 1")
+        try:
+            conn.execute("SELECT namespace, key, value, graph_name, created, last_used, hits FROM entries LIMIT 1")
+            conn.execute("SELECT graph_key, namespace, graph_name, hits, misses, last_seen FROM graph_stats LIMIT 1")
+        except sqlite3.OperationalError as e:  # a table or column is missing: not the schema it claims
+            raise _Incompatible(f"a cache whose tables do not match schema version {SCHEMA_VERSION} ({e})") from None
     except BaseException:
         conn.close()
         raise

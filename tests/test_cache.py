@@ -109,6 +109,19 @@ def test_a_file_that_is_not_sqlite_is_moved_aside_and_rebuilt(cache_dir):
     assert aside.startswith(cache_module.FILE_NAME) and b"not a database" in (cache_dir / aside).read_bytes()
 
 
+def test_a_file_with_the_version_but_not_the_tables_is_moved_aside_and_rebuilt(cache_dir):
+    cache_dir.mkdir()
+    conn = sqlite3.connect(cache_dir / cache_module.FILE_NAME)
+    conn.execute("CREATE TABLE entries (x)")
+    conn.execute(f"PRAGMA user_version = {cache_module.SCHEMA_VERSION}")
+    conn.commit()
+    conn.close()
+    with pytest.warns(CacheWarning, match="tables do not match"):
+        cache = open_cache()
+    cache.put("n", "k", 3)
+    assert cache.get("n", "k") == 3
+
+
 def test_a_file_with_another_schema_version_is_moved_aside_and_rebuilt(cache_dir):
     cache_dir.mkdir()
     conn = sqlite3.connect(cache_dir / cache_module.FILE_NAME)
@@ -120,6 +133,24 @@ def test_a_file_with_another_schema_version_is_moved_aside_and_rebuilt(cache_dir
         cache = open_cache()
     cache.put("n", "k", 2)
     assert cache.get("n", "k") == 2
+
+
+def test_a_busy_database_is_a_miss_and_is_never_moved_aside(cache_dir, monkeypatch):
+    cache = open_cache()
+    cache.put("n", "k", 1)
+    monkeypatch.setattr(cache_module, "BUSY_TIMEOUT_S", 0.1)
+    writer = sqlite3.connect(cache.path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process is writing and does not finish
+    try:
+        busy = TuningCache(cache.path)
+        with pytest.warns(CacheWarning, match="database is locked; failed lookups count as misses"):
+            assert busy.get("n", "k") == 1  # WAL: readers are not blocked by a writer
+            busy.put("n", "k2", 2)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert _broken_files(cache_dir) == []
+    assert TuningCache(cache.path).get("n", "k") == 1 and TuningCache(cache.path).get("n", "k2") is None
 
 
 def test_an_unwritable_cache_dir_disables_the_cache_with_a_warning(tmp_path):
