@@ -22,7 +22,8 @@ class ModelSpec:
     """How to build one benchmark model and its inputs.
 
     `build(device)` returns the model (fp32 parameters, train mode, seeded weights);
-    `inputs(seed, device)` returns the positional arguments of one call.
+    `inputs(seed, device)` returns the positional arguments of one call;
+    `modules` are what `build` imports, which a benchmark process may import ahead.
     """
 
     name: str
@@ -30,6 +31,7 @@ class ModelSpec:
     input_description: str
     build: Callable[[torch.device], nn.Module]
     inputs: Callable[[int, torch.device], tuple[torch.Tensor, ...]]
+    modules: tuple[str, ...] = ()
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -135,6 +137,7 @@ MODELS: dict[str, ModelSpec] = {
             "tokens 8 x 1024",
             lambda device: _seeded_build(_gpt2, device),
             _tokens(8, 1024, 50257),
+            ("transformers.models.gpt2.modeling_gpt2",),
         ),
         ModelSpec(
             "llama",
@@ -142,6 +145,7 @@ MODELS: dict[str, ModelSpec] = {
             "tokens 4 x 2048",
             lambda device: _seeded_build(_llama, device),
             _tokens(4, 2048, 32000),
+            ("transformers.models.llama.modeling_llama",),
         ),
         ModelSpec(
             "resnet50",
@@ -149,6 +153,7 @@ MODELS: dict[str, ModelSpec] = {
             "images 64 x 3 x 224 x 224",
             lambda device: _seeded_build(_resnet50, device),
             _normal(64, 3, 224, 224),
+            ("torchvision.models",),
         ),
         ModelSpec(
             "vit",
@@ -156,6 +161,7 @@ MODELS: dict[str, ModelSpec] = {
             "images 64 x 3 x 224 x 224",
             lambda device: _seeded_build(_vit, device),
             _normal(64, 3, 224, 224),
+            ("timm",),
         ),
         ModelSpec(
             "mlp",

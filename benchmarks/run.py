@@ -1,7 +1,8 @@
 """Run the benchmark suite: `python -m benchmarks.run --models gpt2,llama --out DIR`.
 
 Each row (model x mode x backend variant) runs in its own process
-(`benchmarks.measure`), one after another, under a per-row timeout and an
+(`benchmarks.measure`, started one row ahead by `benchmarks.row_process` so its
+imports overlap the previous row), one after another, under a per-row timeout and an
 overall time budget: a row that fails or hangs is recorded with its error and
 the run goes on; rows that no longer fit the budget are recorded as skipped, so
 a run inside a time-limited device call always ends with its results written.
@@ -12,12 +13,7 @@ log per row under logs/.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from typing import Any
@@ -35,15 +31,14 @@ from rich.progress import (
 from benchmarks import backends, environment, report
 from benchmarks.models import MODELS, SUITE
 from benchmarks.record import new_record, write_results
-from benchmarks.rows import BACKENDS, MODES, PRECISIONS, Row, plan_rows
+from benchmarks.row_process import RowProcess
+from benchmarks.rows import BACKENDS, MODES, PRECISIONS, plan_rows
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_TIMED_STEPS = 20
 # Seconds kept at the end of the time budget for writing the table and plots.
 REPORT_RESERVE_S = 20.0
 # A row given less than this cannot even start its process, import torch and build its model.
 MIN_ROW_S = 20.0
-_LOG_TAIL_CHARS = 1500
 
 
 def _choices(valid: tuple[str, ...] | list[str]):
@@ -112,51 +107,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _log_tail(path: str) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()[-_LOG_TAIL_CHARS:].strip()
-
-
-def run_row(row: Row, record: dict[str, Any], device: str, timeout_s: float, out: str) -> dict[str, Any]:
-    """Measure `row` in a child process; returns its record, with the error if the process failed."""
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    job_path = os.path.join(out, "logs", f"{row.key}.job.json")
-    log_path = os.path.join(out, "logs", f"{row.key}.log")
-    with open(job_path, "w") as f:
-        json.dump({"row": row.as_dict(), "device": device, "record": record}, f)
-    begin = time.monotonic()
-    with open(log_path, "w") as log, tempfile.TemporaryDirectory(prefix="bench-compile-caches-") as caches:
-        cold_caches = {
-            "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "inductor"),
-            "TRITON_CACHE_DIR": os.path.join(caches, "triton"),
-        }
-        child = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.measure", job_path],
-            cwd=_REPO,
-            env={**os.environ, **cold_caches},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: a timeout also ends its compile workers
-        )
-        try:
-            child.wait(timeout=timeout_s)
-            ended = None
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            ended = f"killed after {timeout_s:.0f} s (row timeout or the run's time budget)"
-    with open(job_path) as f:
-        result = json.load(f)["record"]
-    for leftover in (job_path, job_path + ".partial"):
-        if os.path.exists(leftover):
-            os.remove(leftover)
-    if ended or result["status"] not in ("ok", "error"):
-        result["status"] = "error"
-        result["error"] = (ended or f"row process exited with code {child.returncode}") + "\n" + _log_tail(log_path)
-    result["wall_s"] = time.monotonic() - begin
-    return result
-
-
 def _summary(record: dict[str, Any]) -> str:
     if record["status"] != "ok":
         return f"[yellow]{record['status']}[/]: {(record['error'] or '').splitlines()[0][:160]}"
@@ -183,23 +133,38 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     records: list[dict[str, Any]] = []
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("rows", total=len(rows))
-        for row in rows:
-            progress.update(task, description=row.key)
-            record = new_record(row.as_dict(), row.key, row.label, run, settings, backends.compile_options(row, None))
-            left = None if args.time_budget_s is None else args.time_budget_s - (time.monotonic() - start) - REPORT_RESERVE_S
-            if reason := backends.unsupported_reason(row):
-                record["error"] = reason
-            elif left is not None and left < MIN_ROW_S:
-                record["error"] = f"time budget of {args.time_budget_s:.0f} s used up"
-            else:
-                timeout = args.row_timeout_s if left is None else min(args.row_timeout_s, left)
-                record = run_row(row, record, device, timeout, args.out)
-            records.append(record)
-            write_results(args.out, records)
-            progress.console.print(f"{row.key}: {_summary(record)}")
-            progress.advance(task)
+    planned = [new_record(r.as_dict(), r.key, r.label, run, settings, backends.compile_options(r, None)) for r in rows]
+    runnable = [i for i, row in enumerate(rows) if backends.unsupported_reason(row) is None]
+    started: dict[int, RowProcess] = {}  # the current row's process and the one started ahead
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("rows", total=len(rows))
+            for i, row in enumerate(rows):
+                progress.update(task, description=row.key)
+                record = planned[i]
+                left = None
+                if args.time_budget_s is not None:
+                    left = args.time_budget_s - (time.monotonic() - start) - REPORT_RESERVE_S
+                if reason := backends.unsupported_reason(row):
+                    record["error"] = reason
+                elif left is not None and left < MIN_ROW_S:
+                    record["error"] = f"time budget of {args.time_budget_s:.0f} s used up"
+                    if i in started:
+                        started.pop(i).cancel()
+                else:
+                    process = started.pop(i, None) or RowProcess(row, record, device, args.out)
+                    ahead = next((j for j in runnable if j > i), None)
+                    if ahead is not None:
+                        started[ahead] = RowProcess(rows[ahead], planned[ahead], device, args.out)
+                    timeout = args.row_timeout_s if left is None else min(args.row_timeout_s, left)
+                    record = process.measure(timeout)
+                records.append(record)
+                write_results(args.out, records)
+                progress.console.print(f"{row.key}: {_summary(record)}")
+                progress.advance(task)
+    finally:
+        for process in started.values():
+            process.cancel()
     report.write_report(args.out, records)
     print(report.markdown_table(records, brief=True))
     return 0

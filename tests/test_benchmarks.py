@@ -19,6 +19,7 @@ from benchmarks import backends, measure, report, run
 from benchmarks.backends import graphopt_option_names
 from benchmarks.models import MODELS, get_model, logits_of
 from benchmarks.record import new_record, read_results, schema_errors, write_results
+from benchmarks.row_process import RowProcess
 from benchmarks.rows import Row, plan_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -136,6 +137,15 @@ def test_hung_rows_are_killed_recorded_and_the_run_goes_on(tmp_path):
     assert all(r["error"].startswith("killed after") for r in records)
     assert sorted(os.listdir(os.path.join(out, "logs"))) == sorted(f"{r['key']}.log" for r in records)
     _assert_report_files(out, records)
+
+
+def test_a_row_process_started_ahead_is_cancelled_without_leftovers(tmp_path):
+    row = Row("tiny", "infer", "eager")
+    process = RowProcess(row, new_record(row.as_dict(), row.key, row.label, _RUN, _SETTINGS, {}), "cpu", str(tmp_path))
+    assert os.path.exists(process.job_path)
+    process.cancel()
+    assert process._child.returncode is not None
+    assert os.listdir(tmp_path / "logs") == []
 
 
 def test_time_budget_skips_rows_without_starting_them(tmp_path):
