@@ -37,7 +37,7 @@ from benchmarks.rows import BACKENDS, MODES, PRECISIONS, plan_rows
 MIN_TIMED_STEPS = 20
 # Seconds kept at the end of the time budget for writing the table and plots.
 REPORT_RESERVE_S = 20.0
-# A row given less than this cannot even start its process, import torch and build its model.
+# A row left less than this cannot compile and time even a small model: it is skipped, not started and killed.
 MIN_ROW_S = 20.0
 
 
