@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with usage errors as one line and exit code 2 (argparse's own convention)."""
 
     def error(self, message: str):
-        raise CliError(f"{self.prog}: {message}")
+        raise CliError(message if self.prog == "graphopt" else f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:

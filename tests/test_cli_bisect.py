@@ -71,10 +71,9 @@ SCRIPT = textwrap.dedent(
     def main():
         f = torch.compile(lambda x, w: (torch.relu(x @ w + 1).sum(-1), torch.cos(x) * 3), backend="graphopt")
         g = torch.compile(lambda x: torch.sin(x) * 2, backend="graphopt")
-        x = torch.randn(4, 8, requires_grad=True)
+        x = torch.randn(4, 8)
         a, b = f(x, torch.randn(8, 8))
-        (a.sum() + b.sum() + g(x.detach()).sum()).backward()
-        return a, b, x.grad
+        return a, b, g(x)
     """
 )
 
