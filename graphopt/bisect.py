@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import os
 import random
 import runpy
@@ -49,6 +50,9 @@ def compare(expected: Any, actual: Any, rtol: float, atol: float) -> str | None:
                 lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
                 detail = next((line for line in lines if line.startswith("Greatest absolute")), lines[0])
                 return f"output {index}: {lines[0]} {detail if detail != lines[0] else ''}".strip()
+        elif isinstance(e, float) and isinstance(a, float):
+            if not math.isclose(a, e, rel_tol=rtol, abs_tol=atol) and not (math.isnan(a) and math.isnan(e)):
+                return f"output {index}: {a!r} instead of {e!r}"
         elif e != a:
             return f"output {index}: {a!r} instead of {e!r}"
     return None

@@ -113,6 +113,11 @@ def render(summary: dict[str, Any], console: Console, details: bool = False) -> 
         console.print(table)
     else:
         console.print("graph breaks: none")
+    if not summary["graphs"]:
+        console.print(
+            'graphopt compiled nothing: does the script call torch.compile(..., backend="graphopt")? '
+            "(--force-backend makes every torch.compile use graphopt)"
+        )
     for graph in summary["graphs"]:
         console.print(render_graph(graph, details))
     if summary["fallbacks"]:

@@ -147,3 +147,15 @@ def test_bisect_needs_a_main(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "graphopt: error: no_main.py defines no main(); bisect compares what main() returns"
     )
+
+
+def test_compare_uses_the_tolerances_for_tensors_and_floats_and_checks_structure():
+    import torch
+
+    from graphopt.bisect import compare
+
+    x = torch.ones(3)
+    assert compare({"loss": 1.0, "y": x}, {"loss": 1.0 + 1e-9, "y": x + 1e-9}, rtol=1e-6, atol=1e-6) is None
+    assert "output 1" in compare({"loss": 1.0, "y": x}, {"loss": 1.0, "y": x + 1}, rtol=1e-6, atol=1e-6)
+    assert compare([2.0], [2.1], rtol=1e-6, atol=1e-6) == "output 0: 2.1 instead of 2.0"
+    assert "different structure" in compare((x,), [x], rtol=0, atol=0)
