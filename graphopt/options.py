@@ -68,14 +68,11 @@ class Options:
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> Options:
         """Validate a user dict: unknown keys and bad values raise OptionsError naming what is valid."""
-        raw = dict(raw or {})
+        raw = _as_dict(raw)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(fields))
         if unknown:
-            raise OptionsError(
-                f"unknown graphopt option(s) {', '.join(map(repr, unknown))}; valid options: "
-                + "; ".join(f"{name} ({f.metadata['valid']})" for name, f in fields.items())
-            )
+            raise OptionsError(f"unknown graphopt option(s) {', '.join(map(repr, unknown))}; valid options: {_valid_options()}")
         parsed = {}
         for name, value in raw.items():
             field = fields[name]
@@ -87,6 +84,18 @@ class Options:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _valid_options() -> str:
+    return "; ".join(f"{f.name} ({f.metadata['valid']})" for f in dataclasses.fields(Options))
+
+
+def _as_dict(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise OptionsError(f"graphopt options must be a dict of option name to value, got {raw!r}; valid options: {_valid_options()}")
+    return dict(raw)
 
 
 def options_table() -> list[tuple[str, str, str, str]]:
@@ -105,4 +114,4 @@ def options_for(mode: str | None, options: Mapping[str, Any] | None) -> Options:
     mode = mode or "default"
     if mode not in MODES:
         raise OptionsError(f"graphopt does not support mode={mode!r}; supported modes: {', '.join(map(repr, MODES))}")
-    return Options.parse({**MODES[mode], **dict(options or {})})
+    return Options.parse({**MODES[mode], **_as_dict(options)})
