@@ -9,13 +9,15 @@ with the Triton source of each generated kernel, and DIR/run.json (what
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 
 from rich.console import Console
 
 from graphopt.cli_script import CliError, check_script
 from graphopt.debug_dump import write_graph_records
-from graphopt.run_record import kernel_source, kernels, observe_script, run_summary, write_run_summary
+from graphopt.run_record import RUN_FILE, kernel_source, kernels, observe_script, run_summary, write_run_summary
 
 HELP = "run a script and write every stage of every compiled graph (and its Triton kernels) as files"
 EXAMPLE = """example:
@@ -37,6 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _remove_previous_dump(folder: str) -> None:
+    """A dump into the same folder replaces the previous one (only the folders its run.json names)."""
+    previous = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(previous):
+        return
+    try:
+        with open(previous) as f:
+            names = [g.get("folder") for g in json.load(f).get("graphs", [])]
+    except (ValueError, AttributeError):
+        return
+    for name in names:
+        if isinstance(name, str) and name and os.sep not in name and name not in (".", ".."):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
 def main(args: argparse.Namespace, console: Console) -> int:
     script = check_script(args.script)
     try:
@@ -44,6 +61,7 @@ def main(args: argparse.Namespace, console: Console) -> int:
     except OSError as e:
         raise CliError(f"cannot create {args.out}: {e.strerror}") from None
     run = observe_script(script, args.args, force_backend=args.force_backend)
+    _remove_previous_dump(args.out)
     summary = run_summary(run)
     for info, graph in zip(run.graphs, summary["graphs"]):
         folder = write_graph_records(args.out, info.name, info.input_gm, info.records)

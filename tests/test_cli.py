@@ -156,6 +156,14 @@ def test_dump_writes_every_stage_and_kernels_and_diff_shows_a_pass(tmp_path, sma
     assert err.startswith(f"graphopt: error: no graph in {out} ran a pass named 'nonexistent'; passes found: cleanup, ")
     assert len(err.splitlines()) == 1 and "fusion" in err
 
+    # Dumping again into the folder replaces the previous dump, stale graph folders included.
+    (out / "g99_stale").mkdir()
+    summary["graphs"].append({**summary["graphs"][0], "folder": "g99_stale"})
+    (out / "run.json").write_text(json.dumps(summary))
+    assert cli.main(["dump", str(small_script), "--out", str(out)]) == 0
+    again = json.loads((out / "run.json").read_text())
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(g["folder"] for g in again["graphs"])
+
 
 def test_cache_subcommands_list_show_stats_export_import_clear(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
