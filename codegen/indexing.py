@@ -53,17 +53,29 @@ def tensor_meta(node: fx.Node) -> torch.Tensor:
 
 
 def shape_of(node: fx.Node) -> Index:
-    return tuple(size_expr(s) for s in tensor_meta(node).shape)
+    return _shape(tensor_meta(node))
 
 
 def strides_of(node: fx.Node) -> Index:
-    return tuple(size_expr(s) for s in tensor_meta(node).stride())
+    return _strides(tensor_meta(node))
+
+
+# Keyed by the meta tensor itself (the cache keeps it alive, so its id is never reused).
+@functools.lru_cache(maxsize=1 << 14)
+def _shape(val: torch.Tensor) -> Index:
+    return tuple(size_expr(s) for s in val.shape)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _strides(val: torch.Tensor) -> Index:
+    return tuple(size_expr(s) for s in val.stride())
 
 
 def product(values: Sequence[sympy.Expr]) -> sympy.Expr:
     return functools.reduce(operator.mul, values, sympy.Integer(1))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def same(a: sympy.Expr, b: sympy.Expr) -> bool:
     """Provably equal sizes (symbolic comparison; never a runtime guard)."""
     return sympy.expand(a - b) == 0
@@ -115,6 +127,7 @@ def _norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def _reshape_groups(in_shape: Index, out_shape: Index) -> list[tuple[list[int], list[int]]] | None:
     """Pairs of (in dims, out dims) with equal products, in order; None if no such split is provable."""
     groups: list[tuple[list[int], list[int]]] = []
@@ -284,6 +297,7 @@ def _radix_term(term: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, s
     return None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def simplify_index(expr: sympy.Expr) -> sympy.Expr:
     """Merge mixed-radix digit pairs: c*m*((a//(k*m)) % n) + c*((a//k) % m) -> c*((a//k) % (m*n))."""
     expr = sympy.expand(expr)

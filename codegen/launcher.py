@@ -28,11 +28,12 @@ _INT32_LIMIT = 2**31
 
 @dataclasses.dataclass(frozen=True)
 class KernelCost:
-    """The fusion pass's estimate for one kernel, at the sizes seen at compile time."""
+    """The fusion pass's estimate for one kernel, at the sizes seen at compile time
+    (cost_model/roofline.py): bytes moved, seconds, and seconds of its nodes run unfused."""
 
     bytes_moved: int
     seconds: float
-    source: str  # which model produced it
+    unfused_seconds: float
 
 
 def relayout(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:

@@ -39,7 +39,7 @@ def test_mlp_trains_like_eager_with_generated_kernels():
         )
     calls = assert_kernels_ran(graphs)
     kinds = {info.kind for info in graphs}
-    assert kinds == {"forward", "backward"}
+    assert {"forward", "backward"} <= kinds
     assert any(call.primary.spec.domain.is_reduction for call in calls)
 
 
@@ -72,6 +72,7 @@ def test_softmax_is_one_kernel_and_the_report_says_how_it_was_built():
     assert group.kind == "reduction" and set(group.nodes) == {"amax", "sub", "exp", "sum_1", "div"}
     assert any(m.startswith("vertical") for m in group.merges)
     assert group.bytes_moved == 2 * x.numel() * 4
+    assert group.estimated_seconds < group.unfused_seconds
     (call,) = kernels(gm)
     assert "tl.max" in call.primary.triton_source and "tl.sum" in call.primary.triton_source
     assert "in eager" not in report.summary() and "1 kernels" in report.summary()
@@ -192,7 +193,7 @@ def test_dynamic_batch_sizes_reuse_one_kernel():
         out = compiled(x)
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
         out.sum().backward()
-    assert len(graphs) == 2, "recompiled for a new batch size"
+    assert [info.kind for info in graphs].count("forward") == 1, "recompiled for a new batch size"
     assert compiler.compiled_sources() == sources, "generated a new kernel for a new batch size"
     assert sum(call.primary.launches for call in calls) > launches
     assert any(call.primary.spec.domain.xnumel.free_symbols for call in calls), "sizes were baked into the kernels"
