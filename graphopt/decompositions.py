@@ -29,8 +29,10 @@ _EXTRA_FOR_FUSION = [
 def _reduced_dims(x: torch.Tensor, dim: Any) -> list[int]:
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         return list(range(x.dim()))
+    if x.dim() == 0:  # a 0-d tensor "reduced" over dim 0 or -1 is itself: nothing to reduce, count 1
+        return []
     dims = [dim] if isinstance(dim, int) else list(dim)
-    return [d % x.dim() if x.dim() else 0 for d in dims]
+    return [d % x.dim() for d in dims]
 
 
 def _count(x: torch.Tensor, dims: list[int]) -> Any:
