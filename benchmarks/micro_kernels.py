@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import triton
 
     results["triton"] = triton.__version__
+    results["correctness"] = _correctness_checks()
     for case in cases(args.quick):
         row: dict[str, Any] = {"case": case["name"], "bytes": case["bytes"]}
         eager = _runner(case["fn"], case["inputs"], case["grad"])
@@ -156,6 +157,83 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(row), flush=True)
     results["cuda_graphs_check"] = _cuda_graphs_check()
     return results
+
+
+def _correctness_checks() -> list[dict[str, Any]]:
+    """Generated kernels on the GPU against eager (forward and backward): what the CPU interpreter
+    cannot show (register/shared-memory limits of big blocks, real fp16/bf16 rounding, int64 paths)."""
+    from graphopt import events
+    from graphopt.fallback import fallbacks, reset_fallbacks
+    from graphopt.runtime import GuardedCall
+
+    dev = "cuda"
+
+    def mlp(x, w1, w2):
+        return F.layer_norm(x + F.gelu(x @ w1) @ w2, (x.shape[-1],)).tanh()
+
+    def ce(logits, target):
+        return F.cross_entropy(logits, target)
+
+    def col_softmax(x):
+        return torch.softmax(x, dim=0)
+
+    def mixed(x, i):
+        return torch.where(i > 3, x.float().sigmoid(), (x * 2).float()) + i.float().sum(-1, keepdim=True)
+
+    def var_mean(x):
+        v, m = torch.var_mean(x, dim=-1, keepdim=True)
+        return (x - m) * torch.rsqrt(v + 1e-5) + x.amax(0)
+
+    checks = [
+        ("mlp_fp32", mlp, [(64, 256), (256, 1024), (1024, 256)], torch.float32, 1e-3),
+        ("mlp_bf16", mlp, [(64, 256), (256, 1024), (1024, 256)], torch.bfloat16, 5e-2),
+        ("softmax_rows_8192_fp16", _softmax, [(64, 8192)], torch.float16, 1e-2),
+        ("softmax_rows_50257_fp32", _softmax, [(8, 50257)], torch.float32, 1e-4),
+        ("softmax_dim0_fp32", col_softmax, [(3000, 96)], torch.float32, 1e-4),
+        ("layer_norm_4096_bf16", _layer_norm, [(256, 4096), (4096,), (4096,)], torch.bfloat16, 5e-2),
+        ("rms_norm_fp32", lambda x, w: F.rms_norm(x, (x.shape[-1],), w), [(512, 2048), (2048,)], torch.float32, 1e-3),
+        ("var_mean_fp32", var_mean, [(300, 700)], torch.float32, 1e-3),
+    ]
+    rows = []
+    for name, fn, shapes, dtype, tol in checks:
+        torch._dynamo.reset()
+        reset_fallbacks()
+        inputs = [torch.randn(s, device=dev, dtype=dtype, requires_grad=True) for s in shapes]
+        ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        row: dict[str, Any] = {"check": name}
+        try:
+            with events.capture() as graphs:
+                out = torch.compile(fn, backend="graphopt")(*inputs)
+                out.float().square().mean().backward()
+            ref = fn(*ref_inputs)
+            ref.float().square().mean().backward()
+            pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in zip(inputs, ref_inputs)]
+            row["max_rel_error"] = max(_compare(a, b, dtype) for a, b in pairs)
+            calls = [n.target for g in graphs for n in g.output_gm.graph.nodes if isinstance(n.target, GuardedCall)]
+            row["kernels"] = len(calls)
+            row["failed"] = [f"{c.__name__}: {c.failed_reason}" for c in calls if c.failed_reason]
+            row["fallbacks"] = [f"{k.op}: {k.reason}" for k in fallbacks()]
+            row["ok"] = row["max_rel_error"] <= tol and not row["failed"] and row["kernels"] > 0
+        except Exception as e:  # a check that crashes is a finding, not the end of the run
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            row["ok"] = False
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    torch._dynamo.reset()
+    logits = torch.randn(512, 32000, device=dev, requires_grad=True)
+    target = torch.randint(0, 32000, (512,), device=dev)
+    out = torch.compile(ce, backend="graphopt")(logits, target)
+    out.backward()
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = ce(ref_logits, target)
+    ref.backward()
+    rows.append({"check": "cross_entropy_32000", "max_rel_error": max(_compare(out, ref, None), _compare(logits.grad, ref_logits.grad, None))})
+    torch._dynamo.reset()
+    x, i = torch.randn(300, 50, device=dev, dtype=torch.float16), torch.randint(0, 8, (300, 50), device=dev)
+    got = torch.compile(mixed, backend="graphopt", dynamic=True)(x, i)
+    rows.append({"check": "mixed_int_fp16_dynamic", "max_rel_error": _compare(got, mixed(x, i), None)})
+    print(json.dumps(rows[-2:]), flush=True)
+    return rows
 
 
 def _cuda_graphs_check() -> dict[str, Any]:
@@ -211,6 +289,8 @@ def main() -> None:
             + ("  FALLBACK " + "; ".join(row["graphopt_fallbacks"]) if row["graphopt_fallbacks"] else "")
         )
     print("cuda graphs:", json.dumps(results["cuda_graphs_check"]))
+    bad = [row for row in results["correctness"] if row.get("ok") is False]
+    print(f"correctness: {len(results['correctness']) - len(bad)} of {len(results['correctness'])} ok", *bad, sep="\n  ")
     print(f"wrote {path}")
 
 

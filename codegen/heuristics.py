@@ -17,6 +17,11 @@ import triton
 PERSISTENT_REDUCTION_MAX = 4096
 # Reductions across rows (strided) stay persistent only this short.
 COLUMN_PERSISTENT_MAX = 64
+# Split reductions of at least this many elements per row when there are too few rows ...
+SPLIT_MIN_REDUCED = 1 << 13
+# ... into chunks of at least this many elements, until there are this many rows.
+SPLIT_MIN_CHUNK = 4096
+SPLIT_TARGET_ROWS = 1024
 # Elements of one reduction block (XBLOCK * RBLOCK) the heuristics aim for.
 REDUCTION_BLOCK_ELEMENTS = 4096
 
@@ -35,6 +40,20 @@ def pointwise_config(xnumel: int) -> LaunchConfig:
     return LaunchConfig(False, xblock, 1, num_warps)
 
 
+def split_reduction_factor(xnumel: int, rnumel: int) -> int:
+    """Into how many chunks to split each reduced row so that a reduction with few, long rows
+    (a full sum, a bias gradient) runs on enough blocks: 1 = no split. The chunk count must
+    divide rnumel; the partial results are reduced again by a second, small kernel."""
+    factor = 1
+    while (
+        rnumel % (2 * factor) == 0
+        and rnumel // (2 * factor) >= SPLIT_MIN_CHUNK
+        and xnumel * factor < SPLIT_TARGET_ROWS
+    ):
+        factor *= 2
+    return factor if rnumel >= SPLIT_MIN_REDUCED else 1
+
+
 def reduction_config(xnumel: int, rnumel: int, inner: bool) -> LaunchConfig:
     """`inner`: the reduced elements of a row are adjacent in memory (the usual last-dim case)."""
     # Across rows (not inner) a block must span many rows to read whole memory segments.
@@ -45,6 +64,9 @@ def reduction_config(xnumel: int, rnumel: int, inner: bool) -> LaunchConfig:
     elif inner:
         xblock, rblock, persistent = 1, 2048, False
     else:
-        xblock, rblock, persistent = max(1, min(64, triton.next_power_of_2(xnumel))), 64, False
+        # columns: 16+ adjacent columns per block (a 32-byte sector of bf16), and enough blocks to fill the GPU
+        xblock = max(1, min(64, triton.next_power_of_2(xnumel) // 64, triton.next_power_of_2(xnumel)))
+        xblock = max(xblock, min(16, triton.next_power_of_2(xnumel)))
+        rblock, persistent = min(256, REDUCTION_BLOCK_ELEMENTS // xblock), False
     num_warps = max(1, min(16, (xblock * rblock) // 256))
     return LaunchConfig(persistent, xblock, rblock, num_warps)

@@ -81,6 +81,7 @@ _GRAPHOPT_DECOMPOSITIONS = {
     aten.var_mean.correction: _var_mean,
     aten.var.correction: _var,
     aten.mean.dim: _mean,
+    aten.mean.default: _mean,
     aten.nll_loss_backward.default: _nll_loss_backward,
 }
 

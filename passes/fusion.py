@@ -32,12 +32,14 @@ import torch
 from torch import fx
 
 from graphopt import codegen
-from graphopt.codegen import compiler
+from graphopt.codegen import compiler, heuristics, lowerings
 from graphopt.codegen.kernel import CannotGenerate, node_kind
 from graphopt.cost_model import roofline
 from graphopt.fallback import warn_fallback
-from graphopt.pipeline import PassContext, PassReport
+from graphopt.pipeline import PassContext, PassReport, node_op_name
 from graphopt.runtime import GuardedCall
+
+aten = torch.ops.aten
 
 _COMPUTE_KINDS = {"pointwise", "reduction", "cast"}
 
@@ -67,6 +69,7 @@ class FusionReport(PassReport):
     groups: list[FusedGroup]
     rejected: list[RejectedMerge]
     not_fused: dict[str, str]  # node -> why it stays an ATen call (only for pointwise-like ops)
+    split_reductions: list[str] = dataclasses.field(default_factory=list)
     skipped: str | None = None
 
     def summary(self) -> str:
@@ -103,6 +106,61 @@ def _fusable(node: fx.Node, device: torch.device) -> tuple[bool, str | None]:
     except CannotGenerate as e:
         return False, e.reason
     return True, None
+
+
+_SPLITTABLE = {aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
+
+
+def _static_sizes(val: torch.Tensor) -> list[int] | None:
+    sizes = list(val.shape)
+    return sizes if all(isinstance(s, int) for s in sizes) else None
+
+
+def _split_long_reductions(graph: fx.Graph) -> list[str]:
+    """Reduce few long rows in two steps: chunks of each row first (many parallel rows), then the chunks.
+
+    `sum(x, dims)` with few rows becomes `sum(sum(reshape(permute(x), [rows, S, R/S]), -1), -1)`:
+    the first reduction (with x's producers fused in front) runs on rows*S blocks. Low-precision
+    partial sums are kept in fp32. Static shapes only (the split factor must divide R)."""
+    split = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _SPLITTABLE or node.kwargs.get("dtype") is not None:
+            continue
+        source = node.args[0]
+        val = source.meta.get("val") if isinstance(source, fx.Node) else None
+        sizes = _static_sizes(val) if isinstance(val, torch.Tensor) else None
+        if sizes is None or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        dims, keepdim = lowerings.reduction_dims(node.target, node.args, node.kwargs, len(sizes))
+        kept = [d for d in range(len(sizes)) if d not in dims]
+        rnumel = 1
+        for d in dims:
+            rnumel *= sizes[d]
+        factor = heuristics.split_reduction_factor(val.numel() // max(rnumel, 1), rnumel)
+        if factor == 1:
+            continue
+        fake_mode = val.fake_mode
+        low = node.target == aten.sum.dim_IntList and val.dtype in (torch.float16, torch.bfloat16)
+
+        def add(target, *args, **kwargs):
+            with graph.inserting_before(node):
+                new = graph.call_function(target, args, kwargs)
+            with fake_mode:
+                new.meta["val"] = target(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in args], **kwargs)
+            return new
+
+        order = add(aten.permute.default, source, kept + list(dims))
+        rows = add(aten.reshape.default, order, [sizes[d] for d in kept] + [factor, rnumel // factor])
+        extra = {"dtype": torch.float32} if low else {}
+        partial = add(node.target, rows, [len(kept) + 1], False, **extra)
+        total = add(node.target, partial, [len(kept)], False)
+        if low:
+            total = add(torch.ops.prims.convert_element_type.default, total, val.dtype)
+        result = add(aten.reshape.default, total, list(node.meta["val"].shape)) if keepdim else total
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        split.append(f"{node.name}: {val.numel() // rnumel} rows of {rnumel} -> {factor} chunks each")
+    return split
 
 
 def _is_free(node: fx.Node) -> bool:
@@ -347,8 +405,8 @@ def _rewrite(gm: fx.GraphModule, grouping: _Grouping, fusable: set[fx.Node], ctx
         sub_gm, env = _subgraph(name, members, inputs, outputs)
         try:
             spec = codegen.plan_kernel(name, [env[m] for m in members], [env[o] for o in outputs])
-        except CannotGenerate as e:  # legal when merged, but not with the final outputs: leave it to ATen
-            warn_fallback(name, e.reason)
+        except CannotGenerate as e:  # e.g. a lone node codegen cannot write: it stays an ATen call
+            warn_fallback(", ".join(sorted({node_op_name(m) for m in members})), e.reason)
             continue
         assert [p.name for p in spec.inputs] == [n.name for n in inputs]
         kernel = codegen.FusedKernel(spec, None)
@@ -432,6 +490,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, FusionRep
         reason = f"Triton cannot run on {ctx.device} here (on CPU set TRITON_INTERPRET=1)"
         warn_fallback("fusion", reason)
         return gm, FusionReport([], [], {}, skipped=reason)
+    split = _split_long_reductions(gm.graph)
     fusable: set[fx.Node] = set()
     not_fused: dict[str, str] = {}
     for node in gm.graph.nodes:
@@ -447,4 +506,4 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, FusionRep
     grouping = _form_groups(nodes, fusable, rejected)
     groups = _rewrite(gm, grouping, fusable, ctx)
     gm.graph.eliminate_dead_code()
-    return gm, FusionReport(groups, rejected, not_fused)
+    return gm, FusionReport(groups, rejected, not_fused, split)

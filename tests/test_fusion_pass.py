@@ -105,6 +105,23 @@ def test_a_merge_that_would_form_a_cycle_is_rejected():
     assert_matches(gm(x, w), fn(x, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_long_reductions_with_few_rows_are_split_into_two_kernels(dtype):
+    x = torch.randn(3, 2**14).to(dtype)
+
+    def fn(x):
+        return aten.sum.dim_IntList(aten.exp.default(x), [1], True), aten.amax.default(aten.mul.Tensor(x, 2), [0, 1])
+
+    gm, report = fuse(fn, x)
+    assert len(report.split_reductions) == 2
+    assert len(report.groups) == 4  # chunks of different length: no kernel can do both first steps
+    result = gm(x)
+    expected = (x.double().exp().sum(1, keepdim=True), (x.double() * 2).amax())
+    for r, e in zip(result, expected):
+        assert r.dtype == dtype
+        torch.testing.assert_close(r.double(), e, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=0)
+
+
 def test_siblings_reading_one_input_share_a_kernel():
     x = torch.randn(7, 9)
 
