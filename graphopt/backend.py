@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import fx
 from torch._dynamo.backends.common import aot_autograd
-from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from graphopt import events
 from graphopt.cache import open_graph_cache
 from graphopt.decompositions import decomposition_table
 from graphopt.fallback import warn_fallback
 from graphopt.options import Options, OptionsError, options_for
-from graphopt.pipeline import GraphKind, PassContext, run_pipeline
+from graphopt.passes import remat
+from graphopt.pipeline import GraphKind, PassContext, PassRecord, run_pipeline
 from graphopt.runtime import CompiledGraph
 
 _graph_ids = itertools.count()
@@ -60,9 +60,16 @@ def _device_of(example_inputs: Sequence[Any]) -> torch.device:
 
 
 def compile_graph(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], kind: GraphKind, options: Options, graph_id: int
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    kind: GraphKind,
+    options: Options,
+    graph_id: int,
+    earlier_records: Sequence[PassRecord] = (),
 ) -> CompiledGraph:
-    """Run the pass pipeline on one ATen graph; if it fails, the graph runs as eager ATen."""
+    """Run the pass pipeline on one ATen graph; if it fails, the graph runs as eager ATen.
+
+    `earlier_records`: passes that made `gm` before the pipeline (the remat partition)."""
     name = _graph_name(kind, graph_id)
     device = _device_of(example_inputs)
     ctx = PassContext(
@@ -77,18 +84,20 @@ def compile_graph(
         result = run_pipeline(gm, ctx)
     except Exception as e:  # graphopt's own failure must never stop a model that eager can run
         warn_fallback(f"graph {name}", f"pipeline failed with {type(e).__name__}: {e}".splitlines()[0][:300])
-        events.graph_compiled(events.CompiledGraphInfo(name, kind, gm, gm, [], error=e))
+        events.graph_compiled(events.CompiledGraphInfo(name, kind, gm, gm, list(earlier_records), error=e))
         return CompiledGraph(gm, name)
-    events.graph_compiled(events.CompiledGraphInfo(name, kind, gm, result.gm, result.records))
+    events.graph_compiled(events.CompiledGraphInfo(name, kind, gm, result.gm, [*earlier_records, *result.records]))
     return CompiledGraph(result.gm, name, cuda_graphs=options.cuda_graphs)
 
 
 def _compilers(options: Options) -> dict[str, Callable[..., Any]]:
     graph_id = next(_graph_ids)
+    partition = remat.Partitioner(options, lambda: _graph_name("forward", graph_id))
 
     def compiler(kind: GraphKind):
         def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CompiledGraph:
-            return compile_graph(gm, example_inputs, kind, options, graph_id)
+            earlier = partition.take_records() if kind == "forward" else []
+            return compile_graph(gm, example_inputs, kind, options, graph_id, earlier)
 
         return compile_fn
 
@@ -96,7 +105,7 @@ def _compilers(options: Options) -> dict[str, Callable[..., Any]]:
         "fw_compiler": compiler("forward"),
         "bw_compiler": compiler("backward"),
         "inference_compiler": compiler("inference"),
-        "partition_fn": min_cut_rematerialization_partition,
+        "partition_fn": partition,
         "decompositions": decomposition_table(options),
         "keep_inference_input_mutations": True,
     }

@@ -35,6 +35,30 @@ def _as_optional_path(value: Any) -> str | None:
     raise OptionsError(f"expected a directory path (str) or None, got {value!r}")
 
 
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _as_memory_budget(value: Any) -> float | int | None:
+    """None; a fraction 0.0..1.0 (kept as float); or a size string like "12GiB" (kept as int bytes)."""
+    import re
+
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+        return float(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", value, flags=re.IGNORECASE)
+        if match:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    raise OptionsError(f"expected None, a fraction between 0.0 and 1.0, or a size like '12GiB', got {value!r}")
+
+
+def _as_positive_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise OptionsError(f"expected a positive number, got {value!r}")
+
+
 def _option(default: Any, parse: Callable[[Any], Any], valid: str, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"parse": parse, "valid": valid, "help": help})
 
@@ -57,6 +81,22 @@ class Options:
         _as_optional_path,
         "a directory path | None",
         "folder of the tuning cache; None: $GRAPHOPT_CACHE_DIR, else the user cache dir (platformdirs)",
+    )
+    memory_budget: float | int | None = _option(
+        None,
+        _as_memory_budget,
+        "None | a fraction 0.0..1.0 | a size such as '12GiB'",
+        "activation memory allowed during the backward: a fraction of what saving every activation needs, or a"
+        " size; the rematerialization pass (CP-SAT) picks the fastest plan within it. None: runtime-optimal min-cut",
+    )
+    remat_compress: bool = _option(
+        False,
+        _as_bool,
+        "True | False",
+        "let rematerialization also store activations compressed (fp32 as bf16, bf16/fp16 as scaled fp8): lossy",
+    )
+    remat_time_limit_s: float = _option(
+        3.0, _as_positive_float, "a positive number of seconds", "time limit of the rematerialization solver per graph"
     )
     cuda_graphs: bool = _option(
         False,

@@ -23,7 +23,7 @@ from graphopt.options import Options
 if TYPE_CHECKING:
     from graphopt.cache import TuningCache
 
-GraphKind = Literal["forward", "backward", "inference"]
+GraphKind = Literal["forward", "backward", "inference", "joint"]  # joint: what the partitioner (remat) sees
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,331 @@
+"""Activation rematerialization under a memory budget: graphopt's AOTAutograd partition_fn.
+
+AOTAutograd hands the partitioner one joint forward+backward graph; it returns a
+forward graph (which also outputs the values saved for the backward) and a
+backward graph (which recomputes whatever was not saved). Which values to save
+is the decision made here.
+
+- `memory_budget=None`: torch's min-cut partition, unchanged (runtime-optimal,
+  what inductor does by default).
+- A budget: the CP-SAT model of `remat_solver` picks, for every forward value
+  the backward needs, save / recompute / store compressed (`remat_compress`),
+  so that the activation memory held during the backward (`remat_graph.
+  activation_peak`, replayed over the backward's order) fits, at the least
+  roofline-estimated extra time. Matmuls and convolutions may be recomputed;
+  random ops and ops with effects never are. The solver starts from the min-cut
+  plan as a hint and stops after `remat_time_limit_s` with its best plan.
+- A budget no plan reaches: the plan of smallest peak, with a RematWarning
+  saying which budget was reachable. If the solver finds no plan at all in
+  its time limit: min-cut, with a RematWarning.
+
+The chosen plan is stored in the tuning cache (namespace "remat", keyed by the
+joint graph's structure, shapes and options), so a warm cache skips the solve.
+Extraction of the forward/backward modules from the saved set is torch's own
+(`_extract_fwd_bwd_modules`, `reordering_to_mimic_autograd_engine`).
+
+The report reaches the CLI as the first pass record of the forward graph (joint
+graph in, forward graph out): `Partitioner.take_records`, which the backend's
+forward compiler prepends to the pipeline's records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch._functorch import config as functorch_config
+from torch._functorch.compile_utils import fx_graph_cse
+from torch._functorch.partitioners import (
+    _extract_fwd_bwd_modules,
+    min_cut_rematerialization_partition,
+    reordering_to_mimic_autograd_engine,
+)
+from torch.fx.experimental.proxy_tensor import is_sym_node
+from torch.utils._ordered_set import OrderedSet
+from torch.utils._pytree import tree_leaves
+
+from graphopt.cost_model.roofline import device_spec
+from graphopt.options import Options
+from graphopt.passes.remat_compress import compress_saved_values
+from graphopt.passes.remat_graph import (
+    JointAnalysis,
+    Plan,
+    activation_peak,
+    analyze_joint,
+    greedy_plans,
+    is_backward_input,
+    needed_nodes,
+    recompute_seconds,
+    save_everything_plan,
+    saved_nodes,
+    valid_plan,
+)
+from graphopt.passes.remat_solver import plan_within
+from graphopt.pipeline import PassContext, PassRecord, PassReport, copy_graph_module
+
+CACHE_NAMESPACE = "remat"
+_GREEDY_STEPS = 64  # seed plans along the greedy frontier (each costs one replay of the backward)
+
+
+class RematWarning(UserWarning):
+    """The memory budget could not be met as asked; the message says what was done instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RematReport(PassReport):
+    budget: str  # the option as given
+    source: str  # how the plan was made: min-cut, cp-sat, smallest reachable peak, tuning cache, ...
+    saved: list[str]
+    recomputed: list[str]
+    compressed: list[str]
+    predicted_peak_bytes: int  # activation memory held during the backward under this plan
+    save_everything_peak_bytes: int  # the same with every needed value saved (what a fraction refers to)
+    predicted_extra_ms: float  # roofline time of recomputation and compression
+    solver_status: str
+    solve_seconds: float
+
+    def summary(self) -> str:
+        ratio = self.predicted_peak_bytes / max(self.save_everything_peak_bytes, 1)
+        return (
+            f"budget {self.budget}: {self.source}, {self.solver_status} in {self.solve_seconds:.2f}s; "
+            f"saved {len(self.saved)}, recomputed {len(self.recomputed)}, compressed {len(self.compressed)}; "
+            f"peak {self.predicted_peak_bytes / 2**20:.1f} MiB ({ratio:.2f} of save-everything), "
+            f"+{self.predicted_extra_ms:.3f} ms"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decision:
+    plan: Plan | None  # None: use min-cut's partition
+    source: str
+    status: str
+    seconds: float
+
+
+def _capacity_bytes(budget: float | int, save_everything: int) -> int:
+    """A fraction refers to the save-everything peak; an int is already bytes."""
+    if isinstance(budget, float):
+        return int(budget * save_everything)
+    return budget
+
+
+def _min_cut(
+    joint: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indices: Sequence[int]
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    return min_cut_rematerialization_partition(
+        copy_graph_module(joint),
+        None,
+        num_fwd_outputs=num_fwd_outputs,
+        static_lifetime_input_indices=list(static_lifetime_input_indices),
+    )
+
+
+def _plan_of_partition(analysis: JointAnalysis, bw: fx.GraphModule) -> Plan:
+    """The plan a partition implements: the candidates its backward computes."""
+    computed = {n.name for n in bw.graph.nodes if n.op == "call_function"}
+    return valid_plan(analysis, [n for n in analysis.candidates if n.name in computed])
+
+
+def _plan_from_cache(analysis: JointAnalysis, value: Any) -> Plan | None:
+    by_name = {n.name: n for n in analysis.candidates}
+    try:
+        names = value["recomputed"], value["compressed"]
+        return Plan(frozenset(by_name[n] for n in names[0]), frozenset(by_name[n] for n in names[1]))
+    except (KeyError, TypeError):
+        return None
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.3f} MiB"
+
+
+def _solve(
+    analysis: JointAnalysis, capacity: int, min_cut_plan: Callable[[], Plan], save_everything: int, ctx: PassContext
+) -> _Decision:
+    """The fastest plan within `capacity`, else the one closest to it (warning); min-cut if none."""
+    options = ctx.options
+    hints = [min_cut_plan(), save_everything_plan(analysis), *greedy_plans(analysis, _GREEDY_STEPS)]
+    result = plan_within(
+        analysis, capacity, hints, compress=options.remat_compress, time_limit_s=options.remat_time_limit_s
+    )
+    if result.plan is None:
+        warnings.warn(
+            f"graphopt: remat of {ctx.graph_name}: the solver found no plan for memory_budget="
+            f"{options.memory_budget!r} within {options.remat_time_limit_s}s ({result.status}); using min-cut",
+            RematWarning,
+            stacklevel=2,
+        )
+        return _Decision(None, "min-cut (solver found no plan)", result.status, result.seconds)
+    reached = activation_peak(analysis, result.plan)
+    if reached <= capacity:
+        return _Decision(result.plan, "cp-sat", result.status, result.seconds)
+    warnings.warn(
+        f"graphopt: remat of {ctx.graph_name}: memory_budget={options.memory_budget!r} "
+        f"({_mib(capacity)} of activations) is not reachable; the smallest found is {_mib(reached)}, "
+        f"memory_budget={reached / max(save_everything, 1):.3f} of save-everything ({_mib(save_everything)}); "
+        "using that plan",
+        RematWarning,
+        stacklevel=2,
+    )
+    return _Decision(result.plan, "smallest reachable peak", result.status, result.seconds)
+
+
+def _decide(
+    analysis: JointAnalysis, capacity: int, hint: Callable[[], Plan], save_everything: int, ctx: PassContext
+) -> _Decision:
+    cache = ctx.cache
+    key = cache.graph_key if cache is not None else None
+    if cache is not None and key is not None:
+        stored = cache.get(CACHE_NAMESPACE, key)
+        plan = _plan_from_cache(analysis, stored) if stored is not None else None
+        if plan is not None:
+            return _Decision(plan, "tuning cache", stored["status"], 0.0)
+    decision = _solve(analysis, capacity, hint, save_everything, ctx)
+    if cache is not None and key is not None and decision.plan is not None:
+        cache.put(
+            CACHE_NAMESPACE,
+            key,
+            {
+                "recomputed": sorted(n.name for n in decision.plan.recomputed),
+                "compressed": sorted(n.name for n in decision.plan.compressed),
+                "status": decision.status,
+                "solve_seconds": decision.seconds,
+            },
+        )
+    return decision
+
+
+def _extract(
+    joint: fx.GraphModule, analysis: JointAnalysis, plan: Plan, num_fwd_outputs: int, static_inputs: OrderedSet
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Forward/backward modules of `plan`, by torch's extraction from the saved set."""
+    saved = saved_nodes(analysis, plan)
+    needed = set(needed_nodes(analysis, plan))
+    compressed = [n for n in saved if n in plan.compressed and n in needed]
+    if compressed:
+        backward_only = analysis.backward | {n for n, c in analysis.candidates.items() if not c.in_forward}
+        saved = [n for n in saved if n not in plan.compressed] + compress_saved_values(joint, compressed, backward_only)
+    saved_syms = [n for n in saved if is_sym_node(n)]
+    saved_values = [n for n in saved if not is_sym_node(n)]
+    fw, bw = _extract_fwd_bwd_modules(
+        joint, saved_values, saved_syms, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_nodes=static_inputs
+    )
+    return fw, reordering_to_mimic_autograd_engine(bw)
+
+
+def _report(
+    analysis: JointAnalysis, plan: Plan, decision: _Decision, budget: Any, save_everything: int
+) -> RematReport:
+    needed = set(needed_nodes(analysis, plan))
+    return RematReport(
+        budget=repr(budget),
+        source=decision.source,
+        saved=[n.name for n in saved_nodes(analysis, plan) if n not in plan.compressed],
+        recomputed=[n.name for n in analysis.candidates if n in plan.recomputed and n in needed],
+        compressed=[n.name for n in analysis.candidates if n in plan.compressed and n in needed],
+        predicted_peak_bytes=activation_peak(analysis, plan),
+        save_everything_peak_bytes=save_everything,
+        predicted_extra_ms=recompute_seconds(analysis, plan) * 1e3,
+        solver_status=decision.status,
+        solve_seconds=decision.seconds,
+    )
+
+
+def run(
+    joint: fx.GraphModule,
+    ctx: PassContext,
+    *,
+    num_fwd_outputs: int,
+    static_lifetime_input_indices: Sequence[int] = (),
+) -> tuple[fx.GraphModule, fx.GraphModule, RematReport]:
+    """Split `joint` into forward and backward under `ctx.options.memory_budget` (see module doc).
+
+    `joint` itself is not modified."""
+    joint = copy_graph_module(joint)
+    joint.graph.eliminate_dead_code()
+    if functorch_config.cse:  # what min-cut does first, so both see the same graph
+        joint.graph = fx_graph_cse(joint.graph)
+    joint.recompile()
+    primals = [n for n in joint.graph.find_nodes(op="placeholder") if not is_backward_input(n)]
+    static_inputs = OrderedSet(primals[i] for i in static_lifetime_input_indices if i < len(primals))
+    analysis = analyze_joint(joint, device_spec(ctx.device), static_inputs, num_fwd_outputs)
+    save_everything = activation_peak(analysis, save_everything_plan(analysis))
+
+    @functools.cache
+    def min_cut() -> tuple[fx.GraphModule, fx.GraphModule, Plan]:
+        fw, bw = _min_cut(joint, num_fwd_outputs, static_lifetime_input_indices)
+        return fw, bw, _plan_of_partition(analysis, bw)
+
+    budget = ctx.options.memory_budget
+    if budget is None or not analysis.candidates:
+        decision = _Decision(None, "min-cut", "not solved", 0.0)
+    else:
+        capacity = _capacity_bytes(budget, save_everything)
+        decision = _decide(analysis, capacity, lambda: min_cut()[2], save_everything, ctx)
+    if decision.plan is None:
+        fw, bw, plan = min_cut()
+        return fw, bw, _report(analysis, plan, decision, budget, save_everything)
+    fw, bw = _extract(joint, analysis, decision.plan, num_fwd_outputs, static_inputs)
+    return fw, bw, _report(analysis, decision.plan, decision, budget, save_everything)
+
+
+def _device_of(values: Sequence[Any]) -> torch.device:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+class Partitioner:
+    """The partition_fn AOTAutograd calls: `run` on the joint graph.
+
+    Its pass record (joint graph in, forward graph out) waits in `take_records` for
+    the backend, which reports it as the first pass of the forward graph, so the
+    CLI shows it with the forward; cache lookups carry the forward graph's name."""
+
+    def __init__(self, options: Options, graph_name: Callable[[], str]):
+        self.options = options
+        self.graph_name = graph_name
+        self._records: list[PassRecord] = []
+
+    def take_records(self) -> list[PassRecord]:
+        records, self._records = self._records, []
+        return records
+
+    def __call__(
+        self,
+        joint_module: fx.GraphModule,
+        joint_inputs: Any,
+        *,
+        num_fwd_outputs: int,
+        static_lifetime_input_indices: Sequence[int] | None = None,
+        **_ignored: Any,
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        from graphopt.cache import open_graph_cache
+
+        name = self.graph_name()
+        inputs = [v for v in tree_leaves(joint_inputs) if isinstance(v, (torch.Tensor, torch.SymInt, int))]
+        device = _device_of(inputs)
+        ctx = PassContext(
+            options=self.options,
+            graph_name=name,
+            kind="joint",
+            example_inputs=inputs,
+            device=device,
+            cache=open_graph_cache(joint_module, inputs, self.options, device, name),
+        )
+        start = time.perf_counter()
+        fw, bw, report = run(
+            joint_module,
+            ctx,
+            num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=static_lifetime_input_indices or (),
+        )
+        self._records = [PassRecord("remat", joint_module, fw, time.perf_counter() - start, report)]
+        return fw, bw

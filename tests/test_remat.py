@@ -1,0 +1,197 @@
+"""The remat pass as a pure function on AOTAutograd joint graphs: plans, budgets, warnings, cache."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from functorch.compile import aot_function, nop
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from graphopt.cache import open_cache
+from graphopt.options import Options, OptionsError
+from graphopt.passes import remat
+from graphopt.pipeline import PassContext, copy_graph_module
+
+
+def _joint_of(fn, *args):
+    """The joint graph AOTAutograd builds for `fn(*args)`, and its num_fwd_outputs."""
+    captured = {}
+
+    def capture(joint, inputs, *, num_fwd_outputs, **kwargs):
+        captured.update(joint=copy_graph_module(joint), num_fwd_outputs=num_fwd_outputs)
+        return min_cut_rematerialization_partition(joint, inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+
+    aot_function(fn, fw_compiler=nop, bw_compiler=nop, partition_fn=capture)(*args)
+    return captured["joint"], captured["num_fwd_outputs"]
+
+
+def _deep_tanh_mlp(x, *weights):
+    for w in weights:
+        x = torch.tanh(x @ w)
+    return x.sum()
+
+
+@pytest.fixture(scope="module")
+def mlp_joint():
+    torch.manual_seed(0)
+    x = torch.randn(32, 64, requires_grad=True)
+    weights = [torch.randn(64, 64, requires_grad=True) for _ in range(10)]
+    return _joint_of(_deep_tanh_mlp, x, *weights)
+
+
+def _ctx(cache=None, **options) -> PassContext:
+    return PassContext(Options.parse(options), "test_joint", "joint", [], torch.device("cpu"), cache)
+
+
+def _weights(joint) -> list[int]:
+    """Every input but the first is a weight: static, as parameters are."""
+    return list(range(1, len([p for p in joint.graph.find_nodes(op="placeholder") if "tangents" not in p.name])))
+
+
+def _run(joint_and_n, cache=None, **options):
+    joint, n = joint_and_n
+    return remat.run(joint, _ctx(cache, **options), num_fwd_outputs=n, static_lifetime_input_indices=_weights(joint))
+
+
+def _backward_inputs(bw) -> set[str]:
+    return {n.name for n in bw.graph.nodes if n.op == "placeholder" and "tangents" not in n.name}
+
+
+def test_no_budget_is_torch_min_cut(mlp_joint):
+    fw, bw, report = _run(mlp_joint)
+    assert report.source == "min-cut"
+    joint, n = mlp_joint
+    _, bw_ref = min_cut_rematerialization_partition(
+        copy_graph_module(joint), None, num_fwd_outputs=n, static_lifetime_input_indices=_weights(joint)
+    )
+    assert _backward_inputs(bw) == _backward_inputs(bw_ref)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.8, 0.6])
+def test_plan_fits_the_budget_and_the_backward_reads_exactly_what_is_saved(mlp_joint, budget):
+    fw, bw, report = _run(mlp_joint, memory_budget=budget)
+    assert report.source == "cp-sat"
+    assert report.predicted_peak_bytes <= budget * report.save_everything_peak_bytes
+    assert _backward_inputs(bw) == set(report.saved)
+    computed_in_backward = {n.name for n in bw.graph.nodes if n.op == "call_function"}
+    assert set(report.recomputed) <= computed_in_backward
+    fw_outputs = {a.name for a in fw.graph.find_nodes(op="output")[0].args[0] if isinstance(a, torch.fx.Node)}
+    assert set(report.saved) - {n.name for n in fw.graph.find_nodes(op="placeholder")} <= fw_outputs
+
+
+def test_tighter_budget_costs_more_time_and_recomputes_matmuls(mlp_joint):
+    *_, loose = _run(mlp_joint, memory_budget=1.0)
+    *_, tight = _run(mlp_joint, memory_budget=0.6)
+    assert loose.predicted_extra_ms == 0.0 and not any(name.startswith("mm") for name in loose.recomputed)
+    assert tight.source == "cp-sat" and tight.predicted_extra_ms > 0
+    assert any(name.startswith("mm") for name in tight.recomputed)
+
+
+def test_run_leaves_the_joint_graph_alone(mlp_joint):
+    joint, _ = mlp_joint
+    before = joint.code
+    _run(mlp_joint, memory_budget=0.8)
+    assert joint.code == before
+
+
+def test_size_budget_is_bytes(mlp_joint):
+    *_, full = _run(mlp_joint, memory_budget=1.0)
+    size = full.save_everything_peak_bytes * 7 // 10
+    *_, report = _run(mlp_joint, memory_budget=f"{size}B")
+    assert report.source == "cp-sat" and report.predicted_peak_bytes <= size
+
+
+def test_unreachable_budget_warns_with_the_reachable_fraction_and_still_partitions(mlp_joint):
+    with pytest.warns(remat.RematWarning, match=r"not reachable; the smallest found is .* memory_budget=0\.\d+"):
+        fw, bw, report = _run(mlp_joint, memory_budget=0.0)
+    assert report.source == "smallest reachable peak"
+    assert 0 < report.predicted_peak_bytes < report.save_everything_peak_bytes
+    assert _backward_inputs(bw) == set(report.saved)
+
+
+def test_random_ops_are_never_recomputed():
+    def dropout_mlp(x, w1, w2):
+        return (torch.nn.functional.dropout(torch.relu(x @ w1), 0.5, training=True) @ w2).sum()
+
+    torch.manual_seed(0)
+    args = [torch.randn(8, 16, requires_grad=True), torch.randn(16, 32, requires_grad=True), torch.randn(32, 4)]
+    joint = _joint_of(dropout_mlp, *args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", remat.RematWarning)
+        _, bw, report = _run(joint, memory_budget=0.0)
+    random = [n for n in bw.graph.nodes if torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())]
+    assert random == []
+    assert report.recomputed  # it did recompute the rest
+
+
+def test_plan_is_stored_in_and_read_from_the_tuning_cache(mlp_joint, tmp_path):
+    options = Options.parse({"memory_budget": 0.6, "cache_dir": str(tmp_path)})
+    cache = open_cache(options, graph_key="joint-key", graph_name="test_joint")
+    *_, first = _run(mlp_joint, cache, memory_budget=0.6, cache_dir=str(tmp_path))
+    *_, second = _run(mlp_joint, cache, memory_budget=0.6, cache_dir=str(tmp_path))
+    assert first.source == "cp-sat" and second.source == "tuning cache"
+    assert (second.saved, second.recomputed) == (first.saved, first.recomputed)
+    assert cache.get(remat.CACHE_NAMESPACE, "joint-key")["recomputed"] == sorted(first.recomputed)
+
+
+def _wide_first_layer(x, w1, w2, w3):
+    h = torch.tanh(x @ w1)  # a matmul far dearer to recompute than its small output is to store
+    h = torch.tanh(h @ w2)
+    return torch.tanh(h @ w3).sum()
+
+
+def _wide_args(dtype):
+    torch.manual_seed(0)
+    shapes = [(64, 2048), (2048, 256), (256, 256), (256, 256)]
+    return [(torch.randn(*s) / s[0] ** 0.5).to(dtype).requires_grad_() for s in shapes]
+
+
+def _run_all_static(joint_and_n, **options):
+    joint, n = joint_and_n
+    return remat.run(joint, _ctx(**options), num_fwd_outputs=n, static_lifetime_input_indices=range(4))
+
+
+def test_compression_replaces_an_expensive_recomputation_and_keeps_gradients_close():
+    args = _wide_args(torch.float32)
+    joint = _joint_of(_wide_first_layer, *args)
+    *_, plain = _run_all_static(joint, memory_budget=0.8)
+    fw, bw, packed = _run_all_static(joint, memory_budget=0.8, remat_compress=True)
+    assert "mm" in plain.recomputed
+    assert packed.source == "cp-sat" and packed.compressed and "mm" not in packed.recomputed
+    assert packed.predicted_extra_ms < plain.predicted_extra_ms
+    assert packed.predicted_peak_bytes <= 0.8 * packed.save_everything_peak_bytes
+    saved_dtypes = [n.meta["val"].dtype for n in bw.graph.nodes if n.op == "placeholder" and "tangents" not in n.name]
+    assert torch.bfloat16 in saved_dtypes
+
+    # Run the two graphs by hand: forward returns (loss, *saved); backward returns the gradients.
+    inputs = [a.detach() for a in args]
+    loss, *saved = fw(*inputs)
+    grads = bw(*saved, torch.ones(()))
+    expected = torch.autograd.grad(_wide_first_layer(*args), args)
+    torch.testing.assert_close(loss, _wide_first_layer(*inputs))
+    for got, want in zip(grads, expected):  # bf16 storage of activations: about 3 significant digits
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_bf16_activations_compress_to_scaled_fp8():
+    joint = _joint_of(_wide_first_layer, *_wide_args(torch.bfloat16))
+    _, bw, report = _run_all_static(joint, memory_budget=0.8, remat_compress=True)
+    assert report.compressed
+    saved_dtypes = [n.meta["val"].dtype for n in bw.graph.nodes if n.op == "placeholder" and "tangents" not in n.name]
+    assert torch.float8_e4m3fn in saved_dtypes
+    assert saved_dtypes.count(torch.bfloat16) >= len(report.compressed)  # one scale per compressed value
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "12 parsecs", True, [0.5]])
+def test_memory_budget_option_rejects_bad_values(bad):
+    with pytest.raises(OptionsError, match="memory_budget"):
+        Options.parse({"memory_budget": bad})
+
+
+def test_memory_budget_option_parses_sizes_and_fractions():
+    assert Options.parse({"memory_budget": "12GiB"}).memory_budget == 12 * 2**30
+    assert Options.parse({"memory_budget": "1.5 MB"}).memory_budget == 1_500_000
+    assert Options.parse({"memory_budget": 1}).memory_budget == 1.0
+    assert isinstance(Options.parse({"memory_budget": 0}).memory_budget, float)
