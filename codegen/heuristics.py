@@ -17,11 +17,13 @@ import triton
 PERSISTENT_REDUCTION_MAX = 4096
 # Reductions across rows (strided) stay persistent only this short.
 COLUMN_PERSISTENT_MAX = 64
-# Split reductions of at least this many elements per row when there are too few rows ...
-SPLIT_MIN_REDUCED = 1 << 13
+# Split reductions of at least this many elements per row when there are at most SPLIT_MAX_ROWS rows
+# (a split costs a second kernel and keeps the rows' epilogue out of the first) ...
+SPLIT_MIN_REDUCED = 1 << 16
 # ... into chunks of at least this many elements, until there are this many rows.
 SPLIT_MIN_CHUNK = 4096
 SPLIT_TARGET_ROWS = 1024
+SPLIT_MAX_ROWS = 64
 # Elements of one reduction block (XBLOCK * RBLOCK) the heuristics aim for.
 REDUCTION_BLOCK_ELEMENTS = 4096
 
@@ -51,7 +53,7 @@ def split_reduction_factor(xnumel: int, rnumel: int) -> int:
         and xnumel * factor < SPLIT_TARGET_ROWS
     ):
         factor *= 2
-    return factor if rnumel >= SPLIT_MIN_REDUCED else 1
+    return factor if rnumel >= SPLIT_MIN_REDUCED and xnumel <= SPLIT_MAX_ROWS else 1
 
 
 def reduction_config(xnumel: int, rnumel: int, inner: bool) -> LaunchConfig:

@@ -169,6 +169,11 @@ class KernelSpec:
         return [n for n in self.inputs if is_scalar_node(n)]
 
 
+def _is_trivial_reduction(node: fx.Node) -> bool:
+    """A reduction over no dims (of a 0-dim tensor): the identity."""
+    return not _reduction_domain(node)[0].reduced
+
+
 def _reduction_domain(node: fx.Node) -> tuple[Domain, bool]:
     source = node.args[0]
     shape = shape_of(source)
@@ -190,7 +195,7 @@ def analyze(name: str, nodes: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> 
                 inputs.append(arg)
     if not outputs:
         raise CannotGenerate("group has no outputs")
-    reductions = [n for n in nodes if node_kind(n) == "reduction"]
+    reductions = [n for n in nodes if node_kind(n) == "reduction" and not _is_trivial_reduction(n)]
     if reductions:
         domain, _ = _reduction_domain(reductions[0])
         for r in reductions[1:]:
@@ -351,6 +356,10 @@ class _Emitter:
             try:
                 if kind == "view":
                     result = self.value(node.args[0], VIEW_INDEX_MAPS[node.target](node, index))
+                elif kind == "reduction" and _is_trivial_reduction(node):
+                    v = self.operand(node.args[0], node, index)
+                    dtype = lowerings.compute_dtype(node.meta["val"].dtype)
+                    result = self.put(lowerings.cast(v.expr, v.dtype, dtype) if v.dtype else v.expr, dtype, v.level)
                 elif kind == "reduction":
                     result = self.reduction_value(node, index)
                 elif kind == "cast":
@@ -369,10 +378,11 @@ class _Emitter:
         if not isinstance(val, torch.Tensor):
             raise CannotGenerate(f"input {node.name} is not a tensor")
         off = simplify_index(offset(index, strides_of(node), shape_of(node)))
-        free = off.free_symbols
-        level = 2 if RINDEX in free else 1 if XINDEX in free else 0
+        level = 2 if RINDEX in off.free_symbols else 1
         ptr = f"{self.input_names[node]} + {self.index_str(off)}"
-        expr = f"tl.load({ptr}, {self.mask(level)}, other=0)" if level else f"tl.load({ptr})"
+        if XINDEX not in off.free_symbols and level == 1:
+            ptr += " + 0 * xindex"  # one element for every row: a broadcast load, shaped like the rows
+        expr = f"tl.load({ptr}, {self.mask(level)}, other=0)"
         dtype = lowerings.compute_dtype(val.dtype)
         expr = lowerings.cast(expr, val.dtype, dtype)
         return self.put(expr, dtype, level)
@@ -387,14 +397,16 @@ class _Emitter:
         out_dtype = lowerings.compute_dtype(node.meta["val"].dtype)
         args = _normalized_args(node)[: _positional_count(lowering.emit)]
         operands = [self.operand(a, node, index) if a is not None else None for a in args]
+        promoted_lowp = None
         if lowering.operands == "promoted":
             target = _promoted(
                 tuple(
-                    v.dtype if v.dtype is not None else type(a)
+                    (a.meta["val"].dtype if isinstance(a, fx.Node) else v.dtype) if v.dtype is not None else type(a)
                     for v, a in zip(operands, args)
                     if v is not None and (v.dtype is not None or isinstance(a, (int, float, bool)))
                 )
             )
+            promoted_lowp = target if target in (torch.float16, torch.bfloat16) else None
             target = lowerings.compute_dtype(target)
         elif lowering.operands == "bool":
             target = torch.bool
@@ -404,6 +416,9 @@ class _Emitter:
         for pos, (v, a) in enumerate(zip(operands, args)):
             if v is None:
                 exprs.append(None)
+            elif v.dtype is None and promoted_lowp is not None and isinstance(a, float):
+                # a comparison in fp16/bf16 compares with the scalar rounded to that dtype, as eager does
+                exprs.append(lowerings.literal(torch.tensor(a, dtype=promoted_lowp).item()))
             elif v.dtype is None:
                 exprs.append(v.expr)
             elif lowering.operands == "as_is":  # where(cond, a, b)
@@ -522,11 +537,12 @@ class _Emitter:
             self.flush(self.row_block, 1)
             return RenderedKernel(self.source(), self.symbols)
         depth = _reduction_depths(spec.nodes, self.members)
-        phases = sorted({depth[n] for n in spec.nodes if node_kind(n) == "reduction"})
+        real = [n for n in spec.nodes if node_kind(n) == "reduction" and not _is_trivial_reduction(n)]
+        phases = sorted({depth[n] for n in real})
         full_outputs = [(p, o) for p, o in enumerate(spec.outputs) if spec.roles[p] == "full"]
         last = max(phases) + 1
         for phase in [*phases, last]:
-            reductions = [n for n in spec.nodes if node_kind(n) == "reduction" and depth[n] == phase]
+            reductions = [n for n in real if depth[n] == phase]
             stores = [(p, o) for p, o in full_outputs if _store_phase(depth[o], phases, last) == phase]
             if not reductions and not stores:
                 continue
@@ -609,7 +625,7 @@ def _reduction_depths(nodes: Sequence[fx.Node], members: set[fx.Node]) -> dict[f
         d = 0
         for arg in node.all_input_nodes:
             if arg in members:
-                d = max(d, depth[arg] + (1 if node_kind(arg) == "reduction" else 0))
+                d = max(d, depth[arg] + (1 if node_kind(arg) == "reduction" and not _is_trivial_reduction(arg) else 0))
         depth[node] = d
     return depth
 

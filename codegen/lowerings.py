@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from graphopt.codegen import compiler
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -43,6 +45,10 @@ def cast(expr: str, src: torch.dtype, dst: torch.dtype) -> str:
         return expr
     if dst == torch.bool:
         return f"({expr} != 0)"
+    if dst in (torch.float16, torch.bfloat16) and src not in (torch.float32, torch.float16, torch.bfloat16):
+        expr, src = f"{expr}.to(tl.float32)", torch.float32  # Triton's interpreter mangles f64/int -> f16/bf16
+    if dst == torch.bfloat16 and src == torch.float32 and compiler.interpreting():
+        return f"libdevice.round_to_bf16({expr})"  # the interpreter truncates; GPUs round to nearest even
     return f"{expr}.to({TRITON_DTYPES[dst]})"
 
 
@@ -285,6 +291,8 @@ def reduction_dims(target: Any, args: tuple, kwargs: dict, ndim: int) -> tuple[t
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     if target == prims.sum.default:
         keepdim = False
+    if ndim == 0:  # a scalar: any dim list reduces nothing
+        return (), bool(keepdim)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         dims = range(ndim)
     if isinstance(dims, int):

@@ -70,20 +70,3 @@ def force_looped_reductions(monkeypatch: Any, xblock: int = 2, rblock: int = 4) 
     config = heuristics.LaunchConfig(persistent=False, xblock=xblock, rblock=rblock, num_warps=1)
     monkeypatch.setattr(heuristics, "reduction_config", lambda xnumel, rnumel, inner: config)
 
-
-def round_bf16_like_a_gpu(monkeypatch: Any) -> None:
-    """Triton's interpreter truncates fp32 -> bf16 where GPUs round to nearest even; make it round,
-    so bf16 accuracy tests measure graphopt, not the interpreter."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    truncating = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.uint16)
-            return interpreter.TensorHandle(rounded.numpy(), dst_type.scalar)
-        return truncating(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
