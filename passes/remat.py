@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from torch import fx
 from torch._functorch import config as functorch_config
-from torch._functorch.compile_utils import fx_graph_cse
 from torch._functorch.partitioners import (
     _extract_fwd_bwd_modules,
     min_cut_rematerialization_partition,
@@ -51,6 +50,7 @@ from torch.utils._ordered_set import OrderedSet
 from torch.utils._pytree import tree_leaves
 
 from graphopt.cost_model.roofline import device_spec
+from graphopt.fallback import warn_fallback
 from graphopt.options import Options
 from graphopt.passes.remat_compress import compress_saved_values
 from graphopt.passes.remat_graph import (
@@ -118,12 +118,13 @@ def _capacity_bytes(budget: float | int, save_everything: int) -> int:
 def _min_cut(
     joint: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indices: Sequence[int]
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
-    return min_cut_rematerialization_partition(
-        copy_graph_module(joint),
-        None,
-        num_fwd_outputs=num_fwd_outputs,
-        static_lifetime_input_indices=list(static_lifetime_input_indices),
-    )
+    with functorch_config.patch(cse=False):  # the same graph as ours, so node names match
+        return min_cut_rematerialization_partition(
+            copy_graph_module(joint),
+            None,
+            num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=list(static_lifetime_input_indices),
+        )
 
 
 def _plan_of_partition(analysis: JointAnalysis, bw: fx.GraphModule) -> Plan:
@@ -249,12 +250,12 @@ def run(
     `joint` itself is not modified."""
     joint = copy_graph_module(joint)
     joint.graph.eliminate_dead_code()
-    if functorch_config.cse:  # what min-cut does first, so both see the same graph
-        joint.graph = fx_graph_cse(joint.graph)
     joint.recompile()
     primals = [n for n in joint.graph.find_nodes(op="placeholder") if not is_backward_input(n)]
     static_inputs = OrderedSet(primals[i] for i in static_lifetime_input_indices if i < len(primals))
-    analysis = analyze_joint(joint, device_spec(ctx.device), static_inputs, num_fwd_outputs)
+    analysis = analyze_joint(
+        joint, device_spec(ctx.device), static_inputs, num_fwd_outputs, fused=ctx.options.fusion
+    )
     save_everything = activation_peak(analysis, save_everything_plan(analysis))
 
     @functools.cache
@@ -321,11 +322,21 @@ class Partitioner:
             cache=open_graph_cache(joint_module, inputs, self.options, device, name),
         )
         start = time.perf_counter()
-        fw, bw, report = run(
-            joint_module,
-            ctx,
-            num_fwd_outputs=num_fwd_outputs,
-            static_lifetime_input_indices=static_lifetime_input_indices or (),
-        )
+        try:
+            fw, bw, report = run(
+                joint_module,
+                ctx,
+                num_fwd_outputs=num_fwd_outputs,
+                static_lifetime_input_indices=static_lifetime_input_indices or (),
+            )
+        except Exception as e:  # graphopt's own failure must not stop a model torch can partition
+            warn_fallback("remat partition", f"{type(e).__name__}: {e}".splitlines()[0][:300] + "; using min-cut")
+            self._records = []
+            return min_cut_rematerialization_partition(
+                joint_module,
+                joint_inputs,
+                num_fwd_outputs=num_fwd_outputs,
+                static_lifetime_input_indices=static_lifetime_input_indices,
+            )
         self._records = [PassRecord("remat", joint_module, fw, time.perf_counter() - start, report)]
         return fw, bw

@@ -80,6 +80,17 @@ def _is_sym(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), py_sym_types)
 
 
+def _dropout_free(node: fx.Node) -> bool:
+    """Attention kernels are tagged random for their dropout; with dropout_p == 0 they are
+    deterministic, so recomputing them replays exactly."""
+    schema = node.target._schema
+    for i, arg in enumerate(schema.arguments):
+        if arg.name == "dropout_p":
+            value = node.kwargs.get("dropout_p", node.args[i] if i < len(node.args) else arg.default_value)
+            return isinstance(value, (int, float)) and value == 0
+    return False
+
+
 def _recompute_ban(node: fx.Node) -> str | None:
     """Why `node` must not run twice, or None. Random ops would draw new numbers; ops
     with effects (mutation, collectives, opaque calls) must happen exactly once."""
@@ -92,7 +103,7 @@ def _recompute_ban(node: fx.Node) -> str | None:
         return None
     if not isinstance(target, torch._ops.OpOverload):
         return "not an ATen op"
-    if torch.Tag.nondeterministic_seeded in target.tags:
+    if torch.Tag.nondeterministic_seeded in target.tags and not _dropout_free(node):
         return "random"
     if target._schema.is_mutable:
         return "mutates"
@@ -146,10 +157,38 @@ def _compress_seconds(node: fx.Node, spec: DeviceSpec) -> float:
     return 2 * ((full + small) / spec.bytes_per_s + spec.launch_overhead_s)
 
 
+def _recompute_seconds(node: fx.Node, spec: DeviceSpec, fused: bool) -> float:
+    """Roofline time of running `node` again in the backward.
+
+    With fusion on, a recomputed pointwise op joins the kernel of its backward reader:
+    no launch of its own, and its traffic is the inputs read instead of the output;
+    it costs its arithmetic or that extra traffic, whichever bounds. Anything else
+    (matmuls, reductions, ...) is its own kernel at its full roofline time."""
+    cost = node_cost(node, spec)
+    target = node.target
+    if not (fused and isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags):
+        return cost.seconds
+    written = sum(nbytes_hint(t) for t in _tensor_values(node))
+    extra_read = max(0.0, cost.bytes - 2 * written)  # inputs beyond one output-sized read
+    return max(cost.flops / spec.vector_flops_per_s, extra_read / spec.bytes_per_s)
+
+
+def _tensor_values(node: fx.Node) -> list[torch.Tensor]:
+    value = node.meta.get("val")
+    return [value] if isinstance(value, torch.Tensor) else []
+
+
 def analyze_joint(
-    joint: fx.GraphModule, spec: DeviceSpec, static_inputs: Collection[fx.Node], num_fwd_outputs: int
+    joint: fx.GraphModule,
+    spec: DeviceSpec,
+    static_inputs: Collection[fx.Node],
+    num_fwd_outputs: int,
+    *,
+    fused: bool,
 ) -> JointAnalysis:
-    """Classify the joint graph's nodes into backward nodes and candidates (see module doc)."""
+    """Classify the joint graph's nodes into backward nodes and candidates (see module doc).
+
+    `fused`: the fusion pass will run, so recomputed pointwise ops are priced fused."""
     nodes = list(joint.graph.nodes)
     backward: set[fx.Node] = set()
     for node in nodes:
@@ -203,7 +242,7 @@ def analyze_joint(
             node=node,
             bytes=_held_bytes(node, static_inputs),
             in_forward=node in forward_needed,
-            recompute_s=node_cost(node, spec).seconds if node in forward_needed else 0.0,
+            recompute_s=_recompute_seconds(node, spec, fused) if node in forward_needed else 0.0,
             may_recompute=ban is None,
             may_save=_may_save(node),
             compress_to=compress_to,

@@ -126,6 +126,34 @@ def test_random_ops_are_never_recomputed():
     assert report.recomputed  # it did recompute the rest
 
 
+def test_attention_without_dropout_may_be_recomputed_but_dropout_may_not():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphopt.passes.remat_graph import _recompute_ban
+
+    q = torch.randn(1, 2, 8, 4)
+    attention = make_fx(lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.0))(q)
+    dropout = make_fx(lambda x: torch.ops.aten.native_dropout(x, 0.5, True))(q)
+    (sdpa,) = [n for n in attention.graph.nodes if "scaled_dot_product" in str(n.target)]
+    (drop,) = [n for n in dropout.graph.nodes if n.target is torch.ops.aten.native_dropout.default]
+    assert torch.Tag.nondeterministic_seeded in sdpa.target.tags and _recompute_ban(sdpa) is None
+    assert _recompute_ban(drop) == "random"
+
+
+def test_a_failing_plan_falls_back_to_min_cut_with_one_warning(mlp_joint, monkeypatch):
+    from graphopt.fallback import GraphoptFallbackWarning
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("solver exploded")
+
+    monkeypatch.setattr(remat, "run", broken)
+    joint, n = mlp_joint
+    partition = remat.Partitioner(Options.parse({"memory_budget": 0.5}), lambda: "test_joint")
+    with pytest.warns(GraphoptFallbackWarning, match="remat partition.*solver exploded; using min-cut"):
+        fw, bw = partition(copy_graph_module(joint), [], num_fwd_outputs=n)
+    assert partition.take_records() == [] and _backward_inputs(bw)
+
+
 def test_plan_is_stored_in_and_read_from_the_tuning_cache(mlp_joint, tmp_path):
     options = Options.parse({"memory_budget": 0.6, "cache_dir": str(tmp_path)})
     cache = open_cache(options, graph_key="joint-key", graph_name="test_joint")
