@@ -81,6 +81,38 @@ def test_plan_fits_the_budget_and_the_backward_reads_exactly_what_is_saved(mlp_j
     assert set(report.saved) - {n.name for n in fw.graph.find_nodes(op="placeholder")} <= fw_outputs
 
 
+def _replayed_backward_peak(bw, report) -> int:
+    """Bytes of the plan's saved and recomputed values alive at once, walking the real
+    backward graph node by node (views and weights hold nothing of their own)."""
+    names = set(report.saved) | set(report.recomputed)
+    nodes = list(bw.graph.nodes)
+    last_use = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+
+    def held(n):
+        val = n.meta.get("val")
+        if n.name not in names or not isinstance(val, torch.Tensor) or getattr(n.target, "is_view", False):
+            return 0
+        weight = n.name.startswith("primals_") and n.name != "primals_1"
+        return 0 if weight else val.numel() * val.dtype.itemsize
+
+    delta = [0] * (len(nodes) + 1)
+    for i, n in enumerate(nodes):
+        if held(n) and n in last_use:
+            delta[0 if n.op == "placeholder" else i] += held(n)
+            delta[last_use[n] + 1] -= held(n)
+    live = peak = 0
+    for d in delta:
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.7, 0.6])
+def test_predicted_peak_is_what_the_real_backward_graph_holds(mlp_joint, budget):
+    _, bw, report = _run(mlp_joint, memory_budget=budget)
+    assert _replayed_backward_peak(bw, report) == report.predicted_peak_bytes
+
+
 def test_tighter_budget_costs_more_time_and_recomputes_matmuls(mlp_joint):
     *_, loose = _run(mlp_joint, memory_budget=1.0)
     *_, tight = _run(mlp_joint, memory_budget=0.6)
