@@ -233,6 +233,8 @@ def _check_dtype(node: fx.Node) -> None:
         raise CannotGenerate(f"dtype {val.dtype} has no Triton equivalent", node)
     if val.device.type == "meta":
         raise CannotGenerate("meta tensor", node)
+    if any(isinstance(size, int) and size == 0 for size in val.shape):
+        raise CannotGenerate("empty tensor (nothing to compute)", node)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -299,6 +299,8 @@ def _try_merge(grouping: _Grouping, a: _Group, b: _Group, why: str, rejected: li
             _plan(members)
         except CannotGenerate as e:
             reason = e.reason
+        except Exception as e:  # a codegen bug must cost a merge, never the graph
+            reason = f"codegen raised {type(e).__name__}: {e}"[:300]
     if reason is not None:
         if _has_compute(a.members) and _has_compute(b.members):
             rejected.append(RejectedMerge(_names(a.members), _names(b.members), reason))
@@ -405,8 +407,9 @@ def _rewrite(gm: fx.GraphModule, grouping: _Grouping, fusable: set[fx.Node], ctx
         sub_gm, env = _subgraph(name, members, inputs, outputs)
         try:
             spec = codegen.plan_kernel(name, [env[m] for m in members], [env[o] for o in outputs])
-        except CannotGenerate as e:  # e.g. a lone node codegen cannot write: it stays an ATen call
-            warn_fallback(", ".join(sorted({node_op_name(m) for m in members})), e.reason)
+        except Exception as e:  # e.g. a lone node codegen cannot write: it stays an ATen call
+            reason = e.reason if isinstance(e, CannotGenerate) else f"codegen raised {type(e).__name__}: {e}"[:300]
+            warn_fallback(", ".join(sorted({node_op_name(m) for m in members})), reason)
             continue
         assert [p.name for p in spec.inputs] == [n.name for n in inputs]
         kernel = codegen.FusedKernel(spec, None)
