@@ -156,8 +156,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import triton
 
     results["triton"] = triton.__version__
-    results["correctness"] = _correctness_checks()
-    _save(results, args.out)
     for case in cases(args.quick):
         row: dict[str, Any] = {"case": case["name"], "bytes": case["bytes"]}
         eager = _runner(case["fn"], case["inputs"], case["grad"])
@@ -185,6 +183,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["cases"].append(row)
         _save(results, args.out)
         print(json.dumps(row), flush=True)
+    results["correctness"] = _correctness_checks()
+    _save(results, args.out)
     results["cuda_graphs_check"] = _cuda_graphs_check()
     return results
 
