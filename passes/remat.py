@@ -12,11 +12,15 @@ is the decision made here.
   so that the activation memory held during the backward (`remat_graph.
   activation_peak`, replayed over the backward's order) fits, at the least
   roofline-estimated extra time. Matmuls and convolutions may be recomputed;
-  random ops and ops with effects never are. The solver starts from the min-cut
-  plan as a hint and stops after `remat_time_limit_s` with its best plan.
-- A budget no plan reaches: the plan of smallest peak, with a RematWarning
-  saying which budget was reachable. If the solver finds no plan at all in
-  its time limit: min-cut, with a RematWarning.
+  random ops and ops with effects never are. The search is seeded with the best
+  of: the min-cut plan, save-everything, a greedy frontier and segment
+  checkpointing; it stops after `remat_time_limit_s` with its best plan (the
+  best seed if it found none).
+- A budget no plan reaches (proved, or none found in time): the plan of
+  smallest peak found, with a RematWarning saying which budget was reachable.
+  (Deliberately not min-cut: a user who asks for less memory than is reachable
+  wants the least memory, and min-cut's plan is among the seeds anyway.)
+- If planning itself fails: min-cut, with graphopt's one fallback warning.
 
 The chosen plan is stored in the tuning cache (namespace "remat", keyed by the
 joint graph's structure, shapes and options), so a warm cache skips the solve.
@@ -58,6 +62,7 @@ from graphopt.passes.remat_graph import (
     Plan,
     activation_peak,
     analyze_joint,
+    checkpoint_plans,
     greedy_plans,
     is_backward_input,
     needed_nodes,
@@ -71,6 +76,7 @@ from graphopt.pipeline import PassContext, PassRecord, PassReport, copy_graph_mo
 
 CACHE_NAMESPACE = "remat"
 _GREEDY_STEPS = 64  # seed plans along the greedy frontier (each costs one replay of the backward)
+_CHECKPOINT_SEGMENTS = (2, 3, 4, 6, 8, 12, 16, 24, 32)  # segment-checkpointing seeds for small budgets
 
 
 class RematWarning(UserWarning):
@@ -102,7 +108,7 @@ class RematReport(PassReport):
 
 @dataclasses.dataclass(frozen=True)
 class _Decision:
-    plan: Plan | None  # None: use min-cut's partition
+    plan: Plan | None  # None: use min-cut's partition (no budget)
     source: str
     status: str
     seconds: float
@@ -149,20 +155,17 @@ def _mib(nbytes: int) -> str:
 def _solve(
     analysis: JointAnalysis, capacity: int, min_cut_plan: Callable[[], Plan], save_everything: int, ctx: PassContext
 ) -> _Decision:
-    """The fastest plan within `capacity`, else the one closest to it (warning); min-cut if none."""
+    """The fastest plan within `capacity`, else the one closest to it (with a warning)."""
     options = ctx.options
-    hints = [min_cut_plan(), save_everything_plan(analysis), *greedy_plans(analysis, _GREEDY_STEPS)]
+    hints = [
+        min_cut_plan(),
+        save_everything_plan(analysis),
+        *greedy_plans(analysis, _GREEDY_STEPS),
+        *checkpoint_plans(analysis, _CHECKPOINT_SEGMENTS),
+    ]
     result = plan_within(
         analysis, capacity, hints, compress=options.remat_compress, time_limit_s=options.remat_time_limit_s
     )
-    if result.plan is None:
-        warnings.warn(
-            f"graphopt: remat of {ctx.graph_name}: the solver found no plan for memory_budget="
-            f"{options.memory_budget!r} within {options.remat_time_limit_s}s ({result.status}); using min-cut",
-            RematWarning,
-            stacklevel=2,
-        )
-        return _Decision(None, "min-cut (solver found no plan)", result.status, result.seconds)
     reached = activation_peak(analysis, result.plan)
     if reached <= capacity:
         return _Decision(result.plan, "cp-sat", result.status, result.seconds)

@@ -16,6 +16,7 @@ values take during the backward, which is what a memory budget bounds.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import operator
 from collections.abc import Callable, Collection
@@ -309,7 +310,8 @@ def lifetimes(analysis: JointAnalysis, plan: Plan) -> dict[fx.Node, tuple[int, i
     """(first, last) backward position at which each needed candidate must exist.
 
     A recomputed value is made just before its first reader (AOTAutograd reorders
-    the backward that way) and a value is freed after its last reader."""
+    the backward that way) and a value is freed after its last reader; a recomputed
+    user reads its inputs once, at its own first position."""
     needed = set(needed_nodes(analysis, plan))
     span: dict[fx.Node, tuple[int, int]] = {}
     for node in reversed(list(analysis.candidates)):
@@ -318,7 +320,7 @@ def lifetimes(analysis: JointAnalysis, plan: Plan) -> dict[fx.Node, tuple[int, i
         points = list(analysis.candidates[node].direct_uses)
         for u in analysis.users[node]:
             if u in plan.recomputed and u in span:
-                points.extend(span[u])
+                points.append(span[u][0])  # read once, when u is recomputed
         span[node] = (min(points), max(points))
     return span
 
@@ -370,3 +372,35 @@ def greedy_plans(analysis: JointAnalysis, steps: int) -> list[Plan]:
     free = [n for n, c in analysis.candidates.items() if c.may_recompute and c.recompute_s == 0]
     sizes = sorted({round(len(order) * i / steps) for i in range(steps + 1)})
     return [valid_plan(analysis, [*free, *order[:k]]) for k in sizes]
+
+
+def checkpoint_plans(analysis: JointAnalysis, segment_counts: Collection[int]) -> list[Plan]:
+    """Segment checkpointing (Chen et al.) as seeds for small budgets, on any DAG.
+
+    The forward (candidates in graph order) is cut into `k` segments of equal bytes;
+    each cut sits where the values crossing it (defined before, read after) weigh
+    least: a transformer's residual stream, a CNN's block output. Those crossing
+    values are saved, everything else the backward needs is recomputed."""
+    order = [n for n, c in analysis.candidates.items() if c.in_forward]
+    position = {n: i for i, n in enumerate(order)}
+    crossing = [0] * (len(order) + 1)  # bytes of values live across the gap after position i
+    last_read = {n: max((position[u] for u in analysis.users[n] if u in position), default=position[n]) for n in order}
+    for n in order:
+        crossing[position[n]] += analysis.candidates[n].bytes
+        crossing[last_read[n]] -= analysis.candidates[n].bytes
+    for i in range(1, len(crossing)):
+        crossing[i] += crossing[i - 1]
+    cumulative, total = [], 0
+    for n in order:
+        total += analysis.candidates[n].bytes
+        cumulative.append(total)
+    plans = []
+    for k in segment_counts:
+        cuts = []
+        for segment in range(1, k):
+            lo, hi = (bisect.bisect_left(cumulative, total * (segment + f) / k) for f in (-0.5, 0.5))
+            if lo < hi:
+                cuts.append(min(range(lo, hi), key=crossing.__getitem__))
+        kept = {n for n in order if any(position[n] <= cut < last_read[n] for cut in cuts)}
+        plans.append(valid_plan(analysis, [n for n in analysis.candidates if n not in kept]))
+    return plans

@@ -2,8 +2,8 @@
 
 Per candidate: booleans save / recompute / compress (exactly one if the backward
 needs it), and integer first/last backward positions at which it must exist. A
-recomputed node's inputs are needed too (the closure constraint), and stretch
-their lifetime over its own. Memory is a cumulative resource over the backward's
+recomputed node's inputs are needed too (the closure constraint), at least at the
+position where it is recomputed. Memory is a cumulative resource over the backward's
 positions: a saved value occupies [0, last], a recomputed or decompressed one
 [first, last], a compressed copy [0, first] at its smaller size; the cumulative
 capacity is the budget, so the constraint is the peak over the backward's order,
@@ -42,8 +42,8 @@ _SOLVER_WORKERS = 8  # CP-SAT's portfolio (LNS among them) needs several workers
 
 @dataclasses.dataclass(frozen=True)
 class SolveResult:
-    plan: Plan | None  # None: no feasible plan found
-    status: str  # CP-SAT's status name
+    plan: Plan
+    status: str  # CP-SAT's status name (and whether the plan is the best seed instead)
     seconds: float
 
 
@@ -79,17 +79,27 @@ class _Model:
             m.add(self.save[node] + self.recompute[node] + self.compress[node] == self.need[node])
             m.add(self.first[node] <= self.last[node])
 
+        # first = the earliest read: a direct one, or a recomputed user's recomputation (exact, not
+        # just a bound: a zero-byte user must not be able to pull its inputs' lifetimes short).
+        self.read_at: dict[tuple[fx.Node, fx.Node], cp_model.IntVar] = {}
         for node, cand in analysis.candidates.items():
             users = analysis.users[node]
+            reads = []
+            for u in (u for u in users if analysis.candidates[u].may_recompute):
+                # closure: a recomputed user needs this value when it is recomputed
+                at = self.read_at[node, u] = m.new_int_var(0, last_position, f"at{len(self.read_at)}")
+                m.add(at == self.first[u]).only_enforce_if(self.recompute[u])
+                m.add(at == last_position).only_enforce_if(self.recompute[u].negated())
+                m.add(self.last[node] >= self.first[u]).only_enforce_if(self.recompute[u])
+                reads.append(at)
             if cand.direct_uses:
                 m.add(self.need[node] == 1)
-                m.add(self.first[node] <= cand.direct_uses[0])
                 m.add(self.last[node] >= cand.direct_uses[-1])
+                reads.append(cand.direct_uses[0])
             else:
                 m.add_max_equality(self.need[node], [self.recompute[u] for u in users])
-            for u in users:  # closure: a recomputed user needs this value, over its whole lifetime
-                m.add(self.first[node] <= self.first[u]).only_enforce_if(self.recompute[u])
-                m.add(self.last[node] >= self.last[u]).only_enforce_if(self.recompute[u])
+            m.add_min_equality(self.first[node], reads or [last_position])
+            for u in users:
                 # A compressed value is decompressed for the backward: users that exist only for the
                 # backward read the decompressed copy (so must not be saved), forward users the original
                 # (so must not be recomputed from it).
@@ -143,9 +153,15 @@ class _Model:
             self.model.add_hint(self.recompute[node], r)
             self.model.add_hint(self.compress[node], c)
             self.model.add_hint(self.save[node], n and not r and not c)
-            first, last = span.get(node, (0, 0))
+            end = self.analysis.backward_length - 1
+            first, last = span.get(node, (end, end))
             self.model.add_hint(self.first[node], first)
             self.model.add_hint(self.last[node], last)
+            for u in self.analysis.users[node]:
+                if (node, u) not in self.read_at:
+                    continue
+                recomputed_user = u in needed and u in plan.recomputed
+                self.model.add_hint(self.read_at[node, u], span[u][0] if recomputed_user else end)
             if node in self.materialized:
                 self.model.add_hint(self.materialized[node], r or c)
                 self.model.add_hint(self.span[node], last - first + 1)
@@ -171,8 +187,8 @@ def plan_within(
     the plan that exceeds it least (then the fastest among those).
 
     The overflow is penalized above any time, so a feasible plan always wins; the best
-    of `hints` (by replayed peak, then time) seeds the search, so there is a plan to
-    improve from the first moment."""
+    of `hints` (by replayed peak, then time) seeds the search, and is the answer if the
+    solver finds nothing within its time limit."""
     model = _Model(analysis, compress=compress)
     m = model.model
     limit = capacity_bytes // model.unit
@@ -189,5 +205,6 @@ def plan_within(
     m.add_hint(overflow, max(0, peak_units - limit))
     start = time.perf_counter()
     status, solver = model.solve(time_limit_s)
-    plan = model.plan_from(solver) if status in ("OPTIMAL", "FEASIBLE") else None
-    return SolveResult(plan, status, time.perf_counter() - start)
+    if status in ("OPTIMAL", "FEASIBLE"):
+        return SolveResult(model.plan_from(solver), status, time.perf_counter() - start)
+    return SolveResult(best, f"{status}, best seed plan", time.perf_counter() - start)
