@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import triton
-
 # Reduced extents up to this many elements stay in registers (one block per row).
 PERSISTENT_REDUCTION_MAX = 4096
 # Reductions across rows (strided) stay persistent only this short.
@@ -28,6 +26,11 @@ SPLIT_MAX_ROWS = 64
 REDUCTION_BLOCK_ELEMENTS = 4096
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     persistent: bool
@@ -37,7 +40,7 @@ class LaunchConfig:
 
 
 def pointwise_config(xnumel: int) -> LaunchConfig:
-    xblock = min(1024, max(16, triton.next_power_of_2(xnumel)))
+    xblock = min(1024, max(16, _pow2(xnumel)))
     num_warps = max(1, min(4, xblock // 128))
     return LaunchConfig(False, xblock, 1, num_warps)
 
@@ -60,15 +63,15 @@ def reduction_config(xnumel: int, rnumel: int, inner: bool) -> LaunchConfig:
     """`inner`: the reduced elements of a row are adjacent in memory (the usual last-dim case)."""
     # Across rows (not inner) a block must span many rows to read whole memory segments.
     if rnumel <= (PERSISTENT_REDUCTION_MAX if inner else COLUMN_PERSISTENT_MAX):
-        rblock = max(2, triton.next_power_of_2(rnumel))
-        xblock = max(1, min(REDUCTION_BLOCK_ELEMENTS // rblock, triton.next_power_of_2(xnumel), 64 if inner else 128))
+        rblock = max(2, _pow2(rnumel))
+        xblock = max(1, min(REDUCTION_BLOCK_ELEMENTS // rblock, _pow2(xnumel), 64 if inner else 128))
         persistent = True
     elif inner:
         xblock, rblock, persistent = 1, 2048, False
     else:
         # columns: 16+ adjacent columns per block (a 32-byte sector of bf16), and enough blocks to fill the GPU
-        xblock = max(1, min(64, triton.next_power_of_2(xnumel) // 64, triton.next_power_of_2(xnumel)))
-        xblock = max(xblock, min(16, triton.next_power_of_2(xnumel)))
+        xblock = max(1, min(64, _pow2(xnumel) // 64, _pow2(xnumel)))
+        xblock = max(xblock, min(16, _pow2(xnumel)))
         rblock, persistent = min(256, REDUCTION_BLOCK_ELEMENTS // xblock), False
     num_warps = max(1, min(16, (xblock * rblock) // 256))
     return LaunchConfig(persistent, xblock, rblock, num_warps)

@@ -65,6 +65,7 @@ class FusedKernel:
         exec(compile(self.launcher_source, f"<graphopt launcher {self.name}>", "exec"), namespace)
         self._launch = namespace["launch"]
         self._variants: dict[tuple[bool, bool], Any] = {}
+        self._launch_plans: dict[tuple[int, int, bool], tuple[Any, dict[str, int]]] = {}
         self.launches = 0
 
     @property
@@ -85,18 +86,27 @@ class FusedKernel:
         if xnumel == 0:
             return
         self.launches += 1
+        index64 = xnumel * rnumel >= _INT32_LIMIT or any(
+            isinstance(a, torch.Tensor) and a.numel() >= _INT32_LIMIT for a in args
+        )
+        key = (xnumel, rnumel, index64)
+        plan = self._launch_plans.get(key)
+        if plan is None:
+            plan = self._launch_plans[key] = self._plan_launch(xnumel, rnumel, index64)
+        launch, blocks = plan
+        launch(*args, xnumel, rnumel, **blocks)
+
+    def _plan_launch(self, xnumel: int, rnumel: int, index64: bool) -> tuple[Any, dict[str, int]]:
+        """The kernel variant, grid and block sizes for these sizes (cached per sizes by _run)."""
         if self.spec.domain.is_reduction:
             config = heuristics.reduction_config(xnumel, rnumel, self.inner_reduction)
         else:
             config = heuristics.pointwise_config(xnumel)
-        index64 = xnumel * rnumel >= _INT32_LIMIT or any(
-            isinstance(a, torch.Tensor) and a.numel() >= _INT32_LIMIT for a in args
-        )
         kernel = self._kernel(config.persistent or not self.spec.domain.is_reduction, index64)
-        blocks = {"XBLOCK": config.xblock}
+        blocks = {"XBLOCK": config.xblock, "num_warps": config.num_warps}
         if self.spec.domain.is_reduction:
             blocks["RBLOCK"] = config.rblock
-        kernel[(triton.cdiv(xnumel, config.xblock),)](*args, xnumel, rnumel, num_warps=config.num_warps, **blocks)
+        return kernel[(triton.cdiv(xnumel, config.xblock),)], blocks
 
     def __call__(self, *args: Any) -> Any:
         return self._launch(*args)

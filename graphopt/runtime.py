@@ -56,8 +56,8 @@ class CudaGraphRunner:
     """Replays one graph as a CUDA graph.
 
     Call 1 runs normally (compiles and warms up every kernel). Call 2 records the graph:
-    inputs whose storage stayed put across calls 1 and 2 (parameters, buffers) are read in
-    place; the others are copied into static buffers before each replay. Outputs are
+    inputs that were the same tensor at the same address in calls 1 and 2 (parameters,
+    buffers) are read in place; the others are copied into static buffers before each replay. Outputs are
     copied out of the graph's memory, since the next replay overwrites it. If a graph
     cannot be recorded (dynamic sizes, non-CUDA inputs) or a stable input moves, it warns
     once and runs without CUDA graphs from then on.
@@ -70,7 +70,7 @@ class CudaGraphRunner:
         if dynamic:
             warn_fallback(f"CUDA graph of {name}", "the graph has dynamic sizes")
         self.calls = 0
-        self.first_ptrs: list[int | None] | None = None
+        self.first_identities: list[tuple[int, int] | None] = []
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_inputs: list[Any] = []
         self.recorded_ptrs: list[int | None] = []
@@ -80,6 +80,12 @@ class CudaGraphRunner:
     @staticmethod
     def _ptrs(inputs: list[Any]) -> list[int | None]:
         return [t.data_ptr() if isinstance(t, torch.Tensor) else None for t in inputs]
+
+    @staticmethod
+    def _identities(inputs: list[Any]) -> list[tuple[int, int] | None]:
+        """(object id, address) per tensor: a parameter is the same object at the same address every call,
+        an activation that merely lands where the last one was is a different object."""
+        return [(id(t), t.data_ptr()) if isinstance(t, torch.Tensor) else None for t in inputs]
 
     def _disable(self, reason: str) -> None:
         self.disabled = True
@@ -96,15 +102,17 @@ class CudaGraphRunner:
             if not torch.cuda.is_available() or not all(t.is_cuda for t in tensors):
                 self._disable("not every input is a CUDA tensor")
                 return self.forward(*inputs)
-            self.first_ptrs = self._ptrs(inputs)
+            self.first_identities = self._identities(inputs)
             return self.forward(*inputs)
         if self.graph is None:
             return self._record(inputs)
         return self._replay(inputs)
 
     def _record(self, inputs: list[Any]) -> Any:
-        ptrs = self._ptrs(inputs)
-        self.copied = [i for i, (a, b) in enumerate(zip(ptrs, self.first_ptrs)) if a is not None and a != b]
+        identities = self._identities(inputs)
+        self.copied = [
+            i for i, (a, b) in enumerate(zip(identities, self.first_identities)) if a is not None and a != b
+        ]
         self.static_inputs = list(inputs)
         for i in self.copied:
             self.static_inputs[i] = inputs[i].clone()
