@@ -15,13 +15,16 @@ import dataclasses
 PERSISTENT_REDUCTION_MAX = 4096
 # Reductions across rows (strided) stay persistent only this short.
 COLUMN_PERSISTENT_MAX = 64
-# Split reductions of at least this many elements per row when there are at most SPLIT_MAX_ROWS rows
-# (a split costs a second kernel and keeps the rows' epilogue out of the first) ...
+# Split a reduction in two kernels when it would run on at most SPLIT_MAX_BLOCKS blocks and its rows
+# are long (a split costs a second kernel and keeps the rows' epilogue out of the first one) ...
 SPLIT_MIN_REDUCED = 1 << 16
-# ... into chunks of at least this many elements, until there are this many rows.
-SPLIT_MIN_CHUNK = 4096
-SPLIT_TARGET_ROWS = 1024
-SPLIT_MAX_ROWS = 64
+SPLIT_MIN_REDUCED_COLUMNS = 1 << 12
+SPLIT_MAX_BLOCKS = 64
+# ... into chunks of at least SPLIT_MIN_CHUNK elements, until there are SPLIT_TARGET_BLOCKS blocks.
+SPLIT_MIN_CHUNK = 1024
+SPLIT_TARGET_BLOCKS = 512
+# Adjacent columns one block of a reduction across rows covers (a 32-byte sector of bf16).
+COLUMN_BLOCK = 16
 # Elements of one reduction block (XBLOCK * RBLOCK) the heuristics aim for.
 REDUCTION_BLOCK_ELEMENTS = 4096
 
@@ -45,18 +48,18 @@ def pointwise_config(xnumel: int) -> LaunchConfig:
     return LaunchConfig(False, xblock, 1, num_warps)
 
 
-def split_reduction_factor(xnumel: int, rnumel: int) -> int:
-    """Into how many chunks to split each reduced row so that a reduction with few, long rows
+def split_reduction_factor(xnumel: int, rnumel: int, inner: bool) -> int:
+    """Into how many chunks to cut each reduced row so that a reduction with few, long rows
     (a full sum, a bias gradient) runs on enough blocks: 1 = no split. The chunk count must
-    divide rnumel; the partial results are reduced again by a second, small kernel."""
+    divide rnumel; the partial results are reduced again by a second, small kernel.
+    `inner`: rows are contiguous; otherwise a block covers COLUMN_BLOCK adjacent columns."""
+    blocks = xnumel if inner else max(1, xnumel // COLUMN_BLOCK)
+    if rnumel < (SPLIT_MIN_REDUCED if inner else SPLIT_MIN_REDUCED_COLUMNS) or blocks > SPLIT_MAX_BLOCKS:
+        return 1
     factor = 1
-    while (
-        rnumel % (2 * factor) == 0
-        and rnumel // (2 * factor) >= SPLIT_MIN_CHUNK
-        and xnumel * factor < SPLIT_TARGET_ROWS
-    ):
+    while rnumel % (2 * factor) == 0 and rnumel // (2 * factor) >= SPLIT_MIN_CHUNK and blocks * factor < SPLIT_TARGET_BLOCKS:
         factor *= 2
-    return factor if rnumel >= SPLIT_MIN_REDUCED and xnumel <= SPLIT_MAX_ROWS else 1
+    return factor
 
 
 def reduction_config(xnumel: int, rnumel: int, inner: bool) -> LaunchConfig:
@@ -71,7 +74,7 @@ def reduction_config(xnumel: int, rnumel: int, inner: bool) -> LaunchConfig:
     else:
         # columns: 16+ adjacent columns per block (a 32-byte sector of bf16), and enough blocks to fill the GPU
         xblock = max(1, min(64, _pow2(xnumel) // 64, _pow2(xnumel)))
-        xblock = max(xblock, min(16, _pow2(xnumel)))
+        xblock = max(xblock, min(COLUMN_BLOCK, _pow2(xnumel)))
         rblock, persistent = min(256, REDUCTION_BLOCK_ELEMENTS // xblock), False
     num_warps = max(1, min(16, (xblock * rblock) // 256))
     return LaunchConfig(persistent, xblock, rblock, num_warps)

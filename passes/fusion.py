@@ -117,11 +117,13 @@ def _static_sizes(val: torch.Tensor) -> list[int] | None:
 
 
 def _split_long_reductions(graph: fx.Graph) -> list[str]:
-    """Reduce few long rows in two steps: chunks of each row first (many parallel rows), then the chunks.
+    """Reduce few long rows in two steps: chunks of each row first (many parallel blocks), then the chunks.
 
-    `sum(x, dims)` with few rows becomes `sum(sum(reshape(permute(x), [rows, S, R/S]), -1), -1)`:
-    the first reduction (with x's producers fused in front) runs on rows*S blocks. Low-precision
-    partial sums are kept in fp32. Static shapes only (the split factor must divide R)."""
+    `sum(x, dims)` over the adjacent dims a..b becomes `sum(sum(view(x, [.., S, R/S, ..]), a+1), a)`:
+    the reduced extent R is cut into S chunks in place, so memory order is kept (a split row
+    reduction stays one over adjacent elements, a split column reduction one across rows), and
+    the first step (with x's producers fused in front) runs on S times as many blocks.
+    Low-precision partial sums are kept in fp32. Static shapes only (S must divide R)."""
     split = []
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _SPLITTABLE or node.kwargs.get("dtype") is not None:
@@ -129,14 +131,17 @@ def _split_long_reductions(graph: fx.Graph) -> list[str]:
         source = node.args[0]
         val = source.meta.get("val") if isinstance(source, fx.Node) else None
         sizes = _static_sizes(val) if isinstance(val, torch.Tensor) else None
-        if sizes is None or not isinstance(node.meta.get("val"), torch.Tensor):
+        if not sizes or not isinstance(node.meta.get("val"), torch.Tensor):
             continue
         dims, keepdim = lowerings.reduction_dims(node.target, node.args, node.kwargs, len(sizes))
-        kept = [d for d in range(len(sizes)) if d not in dims]
+        if not dims or list(dims) != list(range(dims[0], dims[-1] + 1)):
+            continue  # nothing reduced, or reduced dims not adjacent
+        first, last = dims[0], dims[-1]
         rnumel = 1
         for d in dims:
             rnumel *= sizes[d]
-        factor = heuristics.split_reduction_factor(val.numel() // max(rnumel, 1), rnumel)
+        inner = last == len(sizes) - 1
+        factor = heuristics.split_reduction_factor(val.numel() // max(rnumel, 1), rnumel, inner)
         if factor == 1:
             continue
         fake_mode = val.fake_mode
@@ -149,11 +154,10 @@ def _split_long_reductions(graph: fx.Graph) -> list[str]:
                 new.meta["val"] = target(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in args], **kwargs)
             return new
 
-        order = add(aten.permute.default, source, kept + list(dims))
-        rows = add(aten.reshape.default, order, [sizes[d] for d in kept] + [factor, rnumel // factor])
+        chunks = add(aten.reshape.default, source, sizes[:first] + [factor, rnumel // factor] + sizes[last + 1 :])
         extra = {"dtype": torch.float32} if low else {}
-        partial = add(node.target, rows, [len(kept) + 1], False, **extra)
-        total = add(node.target, partial, [len(kept)], False)
+        partial = add(node.target, chunks, [first + 1], False, **extra)
+        total = add(node.target, partial, [first], False)
         if low:
             total = add(torch.ops.prims.convert_element_type.default, total, val.dtype)
         result = add(aten.reshape.default, total, list(node.meta["val"].shape)) if keepdim else total

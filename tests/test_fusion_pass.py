@@ -122,6 +122,20 @@ def test_long_reductions_with_few_rows_are_split_into_two_kernels(dtype):
         torch.testing.assert_close(r.double(), e, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=0)
 
 
+def test_a_long_column_reduction_is_split_keeping_columns_adjacent():
+    """A bias gradient (sum over many rows of few columns): chunks of rows, reduced across rows."""
+    x = torch.randn(8192, 16)
+
+    def fn(x):
+        return aten.sum.dim_IntList(aten.mul.Tensor(x, 3), [0])
+
+    gm, report = fuse(fn, x)
+    assert report.split_reductions
+    first = kernels(gm)[0].primary
+    assert first.spec.domain.is_reduction and not first.inner_reduction
+    torch.testing.assert_close(gm(x), fn(x), rtol=1e-5, atol=1e-4)
+
+
 def test_siblings_reading_one_input_share_a_kernel():
     x = torch.randn(7, 9)
 
