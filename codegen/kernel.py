@@ -635,16 +635,3 @@ def _reduction_depths(nodes: Sequence[fx.Node], members: set[fx.Node]) -> dict[f
 def render(spec: KernelSpec, persistent: bool, index64: bool) -> str:
     """The Triton source of one variant of `spec`'s kernel."""
     return _Emitter(spec, persistent, index64).emit().source
-
-
-def input_bytes_and_output_bytes(spec: KernelSpec) -> tuple[sympy.Expr, sympy.Expr]:
-    """Bytes the kernel reads and writes at least once (sizes as sympy)."""
-
-    def nbytes(node: fx.Node) -> sympy.Expr:
-        val = node.meta["val"]
-        return product(shape_of(node)) * val.element_size()
-
-    read = sympy.Add(*(nbytes(n) for n in spec.tensor_inputs))
-    written = sympy.Add(*(nbytes(n) for n in spec.outputs))
-    return read, written
-
