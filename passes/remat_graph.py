@@ -44,15 +44,11 @@ class Candidate:
     in_forward: bool  # the forward's outputs need it (else it runs only for the backward)
     recompute_s: float  # extra time if it is recomputed in the backward
     may_recompute: bool
-    may_save: bool  # False for tuple-valued nodes: only their getitems are saved
+    may_save: bool  # False for tuple-valued nodes (their getitems are saved) and views (recomputed free)
     compress_to: torch.dtype | None  # None: cannot be stored compressed
     compress_s: float  # compress in the forward + decompress in the backward
     direct_uses: tuple[int, ...]  # backward positions of the backward nodes that read it
     inputs: tuple[fx.Node, ...]  # candidate inputs a recomputation needs
-
-    @property
-    def name(self) -> str:
-        return self.node.name
 
     @property
     def compressed_bytes(self) -> int:
