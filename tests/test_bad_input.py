@@ -168,19 +168,7 @@ LAYOUTS = {
 }
 
 
-# Known codegen crashes (graphopt falls back to eager for the graph, so values are right).
-LAYOUT_XFAIL = {
-    "zero_size_reduced": "codegen crashes on a reduction over a zero-size dim: index math divides by the "
-    "reduced size 0 (sympy ZeroDivisionError in codegen/indexing.py) while planning the kernel",
-    "scalar": "codegen crashes on a 0-d tensor reduced over dim=-1: Domain.r_shape indexes the empty "
-    "shape with the reduced dim (IndexError in codegen/kernel.py)",
-}
-
-
-@pytest.mark.parametrize(
-    "layout",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=LAYOUT_XFAIL[n])) if n in LAYOUT_XFAIL else n for n in LAYOUTS],
-)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_contiguous_and_zero_size_inputs(layout):
     assert_eager_equal(_pointwise_and_reduction, lambda: (LAYOUTS[layout](),))
 
@@ -220,7 +208,7 @@ NAN_REDUCTION_BUG = (
     "codegen lowers amax/amin to tl.max/tl.min, which drop NaN (torch's propagate it): a row with a NaN "
     "reduces to inf/-inf or to its largest/smallest number instead of NaN"
 )
-NAN_INF_XFAIL = {"amax": NAN_REDUCTION_BUG, "amin": NAN_REDUCTION_BUG, "max_all": NAN_REDUCTION_BUG}
+NAN_INF_XFAIL = {"amax": NAN_REDUCTION_BUG, "amin": NAN_REDUCTION_BUG}
 
 
 @pytest.mark.parametrize(
