@@ -331,6 +331,17 @@ def simplify_index(expr: sympy.Expr) -> sympy.Expr:
     return sympy.Add(*terms)
 
 
+def unit_stride_indices(offset_expr: sympy.Expr) -> list[sympy.Symbol]:
+    """The linear indices (xindex, rindex) along which this address moves by one element:
+    the lowest digit of the index appears with coefficient 1."""
+    found = []
+    for term in sympy.Add.make_args(offset_expr):
+        radix = _radix_term(term)
+        if radix is not None and radix[0] == 1 and radix[2] == 1 and radix[1] in (XINDEX, RINDEX):
+            found.append(radix[1])
+    return found
+
+
 class TritonPrinter(StrPrinter):
     """sympy index/size expressions as Triton (and Python) integer code."""
 

@@ -23,6 +23,7 @@ depth, recomputing the prologue each time; for rows too long for registers).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
@@ -36,6 +37,7 @@ from torch import fx
 from graphopt.codegen import compiler, lowerings
 from graphopt.codegen.indexing import (
     RINDEX,
+    unit_stride_indices,
     VIEW_INDEX_MAPS,
     XINDEX,
     Index,
@@ -159,6 +161,7 @@ class KernelSpec:
     roles: tuple[str, ...]
     keepdims: tuple[bool, ...]
     symbols: tuple[sympy.Symbol, ...]
+    inner: bool = True
 
     @property
     def tensor_inputs(self) -> list[fx.Node]:
@@ -221,8 +224,8 @@ def analyze(name: str, nodes: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> 
         else:
             raise CannotGenerate("output shape does not match the kernel's iteration space", out)
     spec = KernelSpec(name, tuple(nodes), tuple(inputs), tuple(outputs), domain, tuple(roles), tuple(keepdims), ())
-    symbols = _Emitter(spec, persistent=True, index64=False).emit().symbols
-    return dataclasses.replace(spec, symbols=tuple(sorted(symbols, key=str)))
+    rendered = _Emitter(spec, persistent=True, index64=False).emit()
+    return dataclasses.replace(spec, symbols=tuple(sorted(rendered.symbols, key=str)), inner=rendered.inner)
 
 
 def _check_dtype(node: fx.Node) -> None:
@@ -250,6 +253,7 @@ class _Value:
 class RenderedKernel:
     source: str
     symbols: set[sympy.Symbol]
+    inner: bool  # more loads walk memory along rindex than along xindex
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,6 +300,7 @@ class _Emitter:
         self.reduction = spec.domain.is_reduction
         self.counter = 0
         self.symbols: set[sympy.Symbol] = set()
+        self.unit_strides: collections.Counter[sympy.Symbol] = collections.Counter()  # loads contiguous along x / r
         self.row_cache: dict[tuple, _Value] = {}
         self.elem_cache: dict[tuple, _Value] = {}
         self.reduced: dict[fx.Node, _Value] = {}
@@ -381,6 +386,7 @@ class _Emitter:
             raise CannotGenerate(f"input {node.name} is not a tensor")
         off = simplify_index(offset(index, strides_of(node), shape_of(node)))
         level = 2 if RINDEX in off.free_symbols else 1
+        self.unit_strides.update(unit_stride_indices(off))
         ptr = f"{self.input_names[node]} + {self.index_str(off)}"
         if XINDEX not in off.free_symbols and level == 1:
             ptr += " + 0 * xindex"  # one element for every row: a broadcast load, shaped like the rows
@@ -537,7 +543,7 @@ class _Emitter:
             for position, out in enumerate(spec.outputs):
                 self.store(position, out, 1)
             self.flush(self.row_block, 1)
-            return RenderedKernel(self.source(), self.symbols)
+            return RenderedKernel(self.source(), self.symbols, False)
         depth = _reduction_depths(spec.nodes, self.members)
         real = [n for n in spec.nodes if node_kind(n) == "reduction" and not _is_trivial_reduction(n)]
         phases = sorted({depth[n] for n in real})
@@ -569,7 +575,7 @@ class _Emitter:
             if spec.roles[position] == "row":
                 self.store(position, out, 1)
         self.flush(self.row_block, 1)
-        return RenderedKernel(self.source(), self.symbols)
+        return RenderedKernel(self.source(), self.symbols, self.unit_strides[RINDEX] >= self.unit_strides[XINDEX])
 
     def source(self) -> str:
         spec = self.spec

@@ -59,7 +59,7 @@ class FusedKernel:
         self.name = spec.name
         self.cost = cost
         self.original_nodes = tuple(describe_node(n) for n in spec.nodes)
-        self.inner_reduction = spec.domain.is_reduction and (len(spec.domain.shape) - 1) in spec.domain.reduced
+        self.inner_reduction = spec.domain.is_reduction and spec.inner
         self.launcher_source = _launcher_source(spec)
         namespace = {"torch": torch, "relayout": relayout, "run": self._run}
         exec(compile(self.launcher_source, f"<graphopt launcher {self.name}>", "exec"), namespace)

@@ -55,6 +55,7 @@ def test_two_reductions_and_full_epilogue_over_a_transposed_input(variant):
 
     result, calls = run_fused(fn, x)
     assert len(calls) == 1 and calls[0].primary.spec.domain.is_reduction
+    assert calls[0].primary.inner_reduction, "dim 0 of a transposed view is contiguous: an inner reduction"
     assert_matches(result, fn(x), rtol=1e-5, atol=1e-6)
 
 
@@ -138,7 +139,8 @@ def test_bf16_layer_norm_is_as_accurate_as_eager(variant):
     for mine, theirs, exact in zip(ours, eager, oracle):
         assert mine.dtype == torch.bfloat16
         eager_error = (theirs.double() - exact).abs().max().item()
-        assert (mine.double() - exact).abs().max().item() <= 1.25 * eager_error + 1e-3
+        # plus one rounding of the largest result to bf16 (half an ulp, 2^-9 relative)
+        assert (mine.double() - exact).abs().max().item() <= 1.25 * eager_error + exact.abs().max().item() * 2**-9
 
 
 def test_rms_norm_forward_backward(variant):
