@@ -6,6 +6,7 @@ kernel.py     a group -> its iteration space (analyze) and Triton source (render
 heuristics.py block sizes and warps per launch
 compiler.py   source -> jit function, cached in-process
 launcher.py   the callable a fused node runs: sizes, output buffers, launch
+interpreter_libdevice.py  libdevice stand-ins for Triton's CPU interpreter (tests)
 """
 
 from __future__ import annotations
