@@ -2,10 +2,10 @@
 
 Tiny configurations with random weights (nothing is downloaded): GPT-2, Llama, Mistral,
 BERT, T5, ViT, two Mixture-of-Experts models (Mixtral, Qwen2-MoE) and a plain-torch CNN
-with batch norm. Each runs forward and backward under every combination of the pass
-options that exist when the test runs (every boolean option of graphopt/options.py,
-and memory_budget 1.0 / 0.3 if that option exists), and the loss and every parameter
-gradient must match eager's. Dropout is off: eager and compiled graphs draw random
+with batch norm. Each runs forward and backward under the pass options that exist when
+the test runs (every boolean option of graphopt/options.py, and memory_budget 1.0 / 0.3
+if that option exists): every combination for GPT-2, Llama and the CNN, a pairwise
+covering subset for the others. The loss and every parameter gradient must match eager's. Dropout is off: eager and compiled graphs draw random
 numbers in different orders.
 """
 
@@ -31,18 +31,40 @@ transformers = pytest.importorskip("transformers")
 # generated kernels reassociate reductions, so values differ from eager in the last bits;
 # through two layers and a backward that grows to ~1e-5 absolute on O(1) gradients.
 RTOL, ATOL = 1e-4, 2e-5
+# Options that trade accuracy for memory (activations stored in bf16/fp8): each gradient must
+# stay within this relative distance of eager's (in norm), the loss within LOSSY_RTOL.
+LOSSY_OPTIONS = {"remat_compress"}
+LOSSY_RTOL = 2e-2
+# Options with nothing to do on the CPU this suite runs on (checked once, on GPT-2, below).
+CUDA_ONLY_OPTIONS = {"cuda_graphs"}
 
 
 def option_combinations() -> list[dict[str, Any]]:
     """Every combination of the boolean options, and memory_budget 1.0 / 0.3 if it exists."""
-    axes: dict[str, list[Any]] = {}
-    for field in dataclasses.fields(Options):
-        if isinstance(field.default, bool):
-            axes[field.name] = [True, False]
-    if "memory_budget" in {f.name for f in dataclasses.fields(Options)}:
+    fields = {f.name: f for f in dataclasses.fields(Options)}
+    axes: dict[str, list[Any]] = {
+        name: [True, False] for name, f in fields.items() if isinstance(f.default, bool) and name not in CUDA_ONLY_OPTIONS
+    }
+    if "memory_budget" in fields:
         axes["memory_budget"] = [1.0, 0.3]
     names = sorted(axes)
     return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+
+
+def pairwise(combinations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A subset of `combinations` in which every pair of values of any two options still occurs
+    (greedy covering array): most option bugs need two options to show, and it is far cheaper."""
+    def pairs(combo):
+        items = sorted(combo.items())
+        return {(a, b) for a, b in itertools.combinations(items, 2)} or {tuple(items)}
+
+    uncovered = set().union(*(pairs(c) for c in combinations))
+    chosen = []
+    while uncovered:
+        best = max(combinations, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
 
 
 def _tokens(vocab: int, batch: int = 2, length: int = 8) -> torch.Tensor:
@@ -176,10 +198,7 @@ def _step(run: Callable[..., Any], model: nn.Module, batch: Any, loss_fn) -> tup
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("options", option_combinations(), ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.name)
-def test_training_step_matches_eager(arch: Arch, options: dict[str, Any]):
+def _assert_step_matches(arch: Arch, options: dict[str, Any]) -> None:
     torch.manual_seed(0)
     model = arch.build().train()
     batch = arch.batch()
@@ -193,9 +212,41 @@ def test_training_step_matches_eager(arch: Arch, options: dict[str, Any]):
     kinds = {info.kind for info in graphs}
     assert {"forward", "backward"} <= kinds, f"graphopt compiled {sorted(kinds)}: the step did not go through it"
     assert all(info.error is None for info in graphs), [str(info.error) for info in graphs if info.error]
-    torch.testing.assert_close(loss, eager_loss, rtol=RTOL, atol=ATOL)
     assert grads.keys() == eager_grads.keys()
+    if any(options.get(name) for name in LOSSY_OPTIONS):
+        torch.testing.assert_close(loss, eager_loss, rtol=LOSSY_RTOL, atol=0.0)
+        for name, grad in eager_grads.items():
+            # in norm, with an absolute floor: some gradients are zero up to rounding (a key bias
+            # under softmax), where any relative measure is noise
+            distance, allowed = (grads[name] - grad).norm(), LOSSY_RTOL * grad.norm() + ATOL * grad.numel() ** 0.5
+            assert distance <= allowed, f"grad of {name}: distance {distance:.3g} to eager's, allowed {allowed:.3g}"
+        return
+    torch.testing.assert_close(loss, eager_loss, rtol=RTOL, atol=ATOL)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"grad of {name}: {m}")
     for name, buffer in eager_model.named_buffers():  # batch-norm running statistics
         torch.testing.assert_close(dict(compiled_model.named_buffers())[name], buffer, rtol=RTOL, atol=ATOL)
+
+
+# Every option combination on these; the others (slower to compile) get the pairwise subset.
+FULL_PRODUCT = {"gpt2", "llama", "cnn"}
+
+
+def _cases() -> list[Any]:
+    every = option_combinations()
+    return [
+        pytest.param(arch, options, id=f"{arch.name}-" + ",".join(f"{k}={v}" for k, v in options.items()))
+        for arch in ARCHS
+        for options in (every if arch.name in FULL_PRODUCT else pairwise(every))
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, options", _cases())
+def test_training_step_matches_eager(arch: Arch, options: dict[str, Any]):
+    _assert_step_matches(arch, options)
+
+
+@pytest.mark.parametrize("name", sorted(CUDA_ONLY_OPTIONS & {f.name for f in dataclasses.fields(Options)}))
+def test_cuda_only_options_change_nothing_on_the_cpu(name):
+    _assert_step_matches(ARCHS[0], {name: True})
