@@ -18,6 +18,7 @@ from typing import Any
 import sympy
 import torch
 import triton
+from triton import knobs
 
 from graphopt.codegen import compiler, heuristics
 from graphopt.codegen.indexing import print_index, shape_of, strides_of
@@ -65,7 +66,7 @@ class FusedKernel:
         exec(compile(self.launcher_source, f"<graphopt launcher {self.name}>", "exec"), namespace)
         self._launch = namespace["launch"]
         self._variants: dict[tuple[bool, bool], Any] = {}
-        self._launch_plans: dict[tuple[int, int, bool], tuple[Any, dict[str, int]]] = {}
+        self._launch_plans: dict[tuple[Any, ...], _Launch] = {}
         self.launches = 0
 
     @property
@@ -86,33 +87,82 @@ class FusedKernel:
         if xnumel == 0:
             return
         self.launches += 1
+        key = (xnumel, rnumel, *map(_specialization, args))
+        launch = self._launch_plans.get(key)
+        if launch is None:
+            launch = self._launch_plans[key] = self._plan_launch(args, xnumel, rnumel)
+        launch(*args, xnumel, rnumel)
+
+    def _plan_launch(self, args: tuple[Any, ...], xnumel: int, rnumel: int) -> Any:
+        """The kernel variant, grid and block sizes for these sizes (cached by _run per sizes and
+        per what Triton specializes the arguments on)."""
         index64 = xnumel * rnumel >= _INT32_LIMIT or any(
             isinstance(a, torch.Tensor) and a.numel() >= _INT32_LIMIT for a in args
         )
-        key = (xnumel, rnumel, index64)
-        plan = self._launch_plans.get(key)
-        if plan is None:
-            plan = self._launch_plans[key] = self._plan_launch(xnumel, rnumel, index64)
-        launch, blocks = plan
-        launch(*args, xnumel, rnumel, **blocks)
-
-    def _plan_launch(self, xnumel: int, rnumel: int, index64: bool) -> tuple[Any, dict[str, int]]:
-        """The kernel variant, grid and block sizes for these sizes (cached per sizes by _run)."""
         if self.spec.domain.is_reduction:
             config = heuristics.reduction_config(xnumel, rnumel, self.inner_reduction)
         else:
             config = heuristics.pointwise_config(xnumel)
         kernel = self._kernel(config.persistent or not self.spec.domain.is_reduction, index64)
-        blocks = {"XBLOCK": config.xblock, "num_warps": config.num_warps}
-        if self.spec.domain.is_reduction:
-            blocks["RBLOCK"] = config.rblock
-        return kernel[(triton.cdiv(xnumel, config.xblock),)], blocks
+        constexprs = (config.xblock, config.rblock) if self.spec.domain.is_reduction else (config.xblock,)
+        return _Launch(kernel, (triton.cdiv(xnumel, config.xblock), 1, 1), constexprs, config.num_warps)
 
     def __call__(self, *args: Any) -> Any:
         return self._launch(*args)
 
     def __repr__(self) -> str:
         return f"FusedKernel({self.name}, {len(self.spec.nodes)} nodes)"
+
+
+def _specialization(arg: Any) -> Any:
+    """What Triton's JIT specializes a kernel argument on: a pointer's 16-byte alignment, an
+    integer's type width, being 1 or a multiple of 16. Equal values here mean the same binary."""
+    if isinstance(arg, torch.Tensor):
+        return arg.data_ptr() % 16 == 0
+    if type(arg) is int:
+        return (arg == 1, arg % 16 == 0, -_INT32_LIMIT <= arg < _INT32_LIMIT)
+    return type(arg)
+
+
+def _launch_hooks_installed() -> bool:
+    """Whether a Triton launch hook (a HookChain with hooks, or a plain callable) wants every launch."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+class _Launch:
+    """One kernel binary at one grid: launched straight through the CompiledKernel's launcher.
+
+    Triton's `kernel[grid](...)` binds and specializes every argument again on each call
+    (tens of microseconds on the host, more than many kernels take on the GPU). The first
+    launch goes through it and keeps the CompiledKernel it returns; later launches with the
+    same sizes and argument specializations (the caller's cache key) call the binary's
+    launcher directly, as inductor's launchers do. Under the interpreter, and while a
+    Triton launch hook is installed (proton), every launch takes the JIT path.
+    """
+
+    def __init__(self, kernel: Any, grid: tuple[int, int, int], constexprs: tuple[int, ...], num_warps: int):
+        self.kernel = kernel
+        self.grid = grid
+        self.constexprs = constexprs
+        self.num_warps = num_warps
+        self.binary: Any = None
+        self.device = -1
+
+    def __call__(self, *args: Any) -> None:
+        binary = self.binary
+        if binary is None or _launch_hooks_installed():
+            self._launch_jit(args)
+            return
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        binary.run(*self.grid, stream, binary.function, binary.packed_metadata, None, None, None, *args, *self.constexprs)
+
+    def _launch_jit(self, args: tuple[Any, ...]) -> None:
+        blocks = dict(zip(("XBLOCK", "RBLOCK"), self.constexprs))
+        binary = self.kernel[self.grid](*args, **blocks, num_warps=self.num_warps)
+        if not compiler.interpreting() and binary is not None and hasattr(binary, "packed_metadata"):
+            self.device = torch.cuda.current_device()
+            self.binary = binary
 
 
 def _symbol_sources(spec: KernelSpec, names: dict[Any, str]) -> dict[sympy.Symbol, str]:
