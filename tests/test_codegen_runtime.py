@@ -55,3 +55,33 @@ def test_cuda_graphs_on_cpu_inputs_warn_once_and_run_normally():
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     cuda_warnings = [w for w in caught if issubclass(w.category, GraphoptFallbackWarning) and "CUDA graph" in str(w.message)]
     assert len(cuda_warnings) == 1 and "CUDA tensor" in str(cuda_warnings[0].message)
+
+
+def test_compiled_graph_frees_each_input_at_its_last_use():
+    """A backward's saved activations must not live until the graph returns (peak memory)."""
+    import weakref
+
+    from torch import fx
+
+    from graphopt.runtime import CompiledGraph
+
+    first = torch.randn(8)
+    first_ref = weakref.ref(first)
+    freed_when_probed: list[bool] = []
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        freed_when_probed.append(first_ref() is None)
+        return x
+
+    graph = fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    doubled = graph.call_function(torch.mul, (a, 2))  # the last use of `a`
+    probed = graph.call_function(probe, (b,))
+    graph.output(graph.call_function(torch.add, (doubled, probed)))
+    args = [first, torch.ones(8)]
+    expected = first * 2 + 1
+    del first
+    out = CompiledGraph(fx.GraphModule(torch.nn.Module(), graph), "probe")(args)
+    assert args == [], "boxed convention: the callee clears the argument list"
+    assert freed_when_probed == [True]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
