@@ -70,6 +70,12 @@ class Options:
     fusion: bool = _option(
         True, _as_bool, "True | False", "fuse pointwise/reduction regions into generated Triton kernels"
     )
+    pad_matmuls: bool = _option(
+        True,
+        _as_bool,
+        "True | False",
+        "zero-pad matrix products whose sizes break cuBLAS's 16-byte alignment (CUDA), when the roofline says it pays",
+    )
     debug_dir: str | None = _option(
         None,
         _as_optional_path,

@@ -1,0 +1,30 @@
+"""Inserting ATen nodes into a graph that later passes can read.
+
+Every pass after capture relies on `node.meta['val']` (shapes, strides, dtypes as
+FakeTensors), so a node a pass adds must carry one: it is computed by running the
+op on its arguments' FakeTensors under their fake mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+from torch._guards import detect_fake_mode
+
+
+def fake_mode_of(args: Any) -> Any:
+    """The fake mode that the FakeTensors of the nodes among `args` belong to."""
+    vals: list[Any] = []
+    fx.node.map_arg(args, lambda n: vals.append(n.meta.get("val")))
+    return detect_fake_mode(vals)
+
+
+def call_with_meta(graph: fx.Graph, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.Node:
+    """`graph.call_function(target, args, kwargs)` at the graph's insertion point, with meta['val']."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    vals, kwvals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    with fake_mode_of(args):
+        node.meta["val"] = target(*vals, **kwvals)
+    return node

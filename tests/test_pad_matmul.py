@@ -1,0 +1,90 @@
+"""The matmul padding pass: padded products equal the originals, layouts included."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import assert_training_matches_eager
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from graphopt import events
+from graphopt.cost_model.roofline import CPU_SPEC
+from graphopt.passes import pad_matmul
+
+aten = torch.ops.aten
+# A device on which every misaligned product is worth padding.
+SLOW_MATMUL_SPEC = dataclasses.replace(CPU_SPEC, matmul_flops_per_s=1.0, fp32_matmul_flops_per_s=1.0)
+
+
+def _pad(fn, *inputs):
+    gm = make_fx(fn, tracing_mode="fake")(*inputs)
+    return pad_matmul.pad_matmuls(gm, SLOW_MATMUL_SPEC)
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+BF16, FP32 = torch.bfloat16, torch.float32
+CASES = {
+    # name: (fn, input shapes, padded (batch..., M, K, N) per dtype: 16 bytes = 8 bf16 or 4 fp32 elements)
+    "n_odd": (lambda a, b: a @ b, [(16, 32), (32, 61)], {BF16: (16, 32, 64), FP32: (16, 32, 64)}),
+    "k_odd": (lambda a, b: a @ b, [(16, 37), (37, 24)], {BF16: (16, 40, 24), FP32: (16, 40, 24)}),
+    "m_odd_column_major_a": (lambda a, b: a.t() @ b, [(40, 19), (40, 8)], {BF16: (24, 40, 8), FP32: (20, 40, 8)}),
+    "odd_transposed_b": (lambda a, b: a @ b.t(), [(13, 29), (31, 29)], {BF16: (13, 32, 32), FP32: (13, 32, 32)}),
+    "bmm": (torch.bmm, [(3, 8, 21), (3, 21, 11)], {BF16: (3, 8, 24, 16), FP32: (3, 8, 24, 12)}),
+    "addmm_bias_n": (torch.addmm, [(61,), (16, 32), (32, 61)], {BF16: (16, 32, 64), FP32: (16, 32, 64)}),
+    "addmm_bias_mn": (
+        lambda bias, a, b: torch.addmm(bias, a.t(), b),
+        [(19, 61), (32, 19), (32, 61)],
+        {BF16: (24, 32, 64), FP32: (20, 32, 64)},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_padded_product_equals_original(case, dtype):
+    fn, shapes, padded_sizes = CASES[case]
+    inputs = [torch.randn(s, dtype=dtype) for s in shapes]
+    gm, padded = _pad(fn, *inputs)
+    assert [p.padded for p in padded] == [padded_sizes[dtype]]
+    assert aten.constant_pad_nd.default in _targets(gm)
+    gm.graph.lint()
+    gm.recompile()
+    expected = fn(*inputs)
+    actual = gm(*inputs)
+    # bf16: the pads add zeros, but a product of other sizes may block its sums differently
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == BF16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(actual, expected, **tol)
+    assert actual.stride() == expected.stride(), "the padded product keeps the original layout"
+
+
+def test_aligned_products_are_left_alone():
+    gm, padded = _pad(lambda a, b: a @ b, torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(32, 64, dtype=torch.bfloat16))
+    assert padded == [] and aten.constant_pad_nd.default not in _targets(gm)
+
+
+def test_small_products_are_not_worth_padding():
+    gm = make_fx(lambda a, b: a @ b, tracing_mode="fake")(torch.randn(4, 8), torch.randn(8, 5))
+    assert pad_matmul.pad_matmuls(gm, CPU_SPEC)[1] == []
+
+
+def test_lm_head_with_odd_vocabulary_trains_like_eager(monkeypatch):
+    """GPT-2's case end to end (forward, both backward products) with the pass forced on."""
+    monkeypatch.setattr(pad_matmul, "alignment_matters", lambda device: True)
+    monkeypatch.setattr(pad_matmul, "device_spec", lambda device: SLOW_MATMUL_SPEC)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 61, bias=False))
+    batches = [(torch.randn(3, 16, 24), torch.randint(0, 61, (3, 16))) for _ in range(2)]
+
+    def loss_fn(run, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(run(x).flatten(0, 1), y.flatten())
+
+    with events.capture() as graphs:
+        assert_training_matches_eager(model, batches, loss_fn, rtol=1e-4, atol=1e-5)
+    padded = {g.kind: len(r.report.padded) for g in graphs for r in g.records if r.name == "pad_matmul"}
+    assert padded == {"forward": 1, "backward": 2}, "the LM head's product and both of its gradients"
