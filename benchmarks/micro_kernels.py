@@ -223,6 +223,8 @@ def _correctness_checks(dev: str = "cuda") -> list[dict[str, Any]]:
         ("layer_norm_4096_bf16", _layer_norm, [(256, 4096), (4096,), (4096,)], torch.bfloat16, 5e-2),
         ("rms_norm_fp32", lambda x, w: F.rms_norm(x, (x.shape[-1],), w), [(512, 2048), (2048,)], torch.float32, 1e-3),
         ("var_mean_fp32", var_mean, [(300, 700)], torch.float32, 1e-3),
+        # GPT-2's LM head: a vocabulary of 50257 words, padded by passes/pad_matmul.py
+        ("lm_head_50257_bf16", lambda x, w: x @ w.t(), [(2048, 768), (50257, 768)], torch.bfloat16, 5e-2),
     ]
     rows = []
     for name, fn, shapes, dtype, tol in checks:
@@ -304,16 +306,25 @@ def _cuda_graphs_check() -> dict[str, Any]:
     }
 
 
+def _print_correctness(rows: list[dict[str, Any]]) -> None:
+    bad = [row for row in rows if row.get("ok") is False]
+    print(f"correctness: {len(rows) - len(bad)} of {len(rows)} ok", *bad, sep="\n  ")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="sizes / 8 (a smoke run)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--checks-only", action="store_true", help="only the GPU correctness checks (a minute)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("micro_kernels.py needs a CUDA GPU")
     warnings.simplefilter("default")
+    if args.checks_only:
+        _print_correctness(_correctness_checks())
+        return
     results = run(args)
     path = _save(results, args.out)
     print(f"\ncopy bandwidth {results['copy_bandwidth_gbs']:.0f} GB/s on {results['device']}")
@@ -329,8 +340,7 @@ def main() -> None:
             + ("  FALLBACK " + "; ".join(row["graphopt_fallbacks"]) if row["graphopt_fallbacks"] else "")
         )
     print("cuda graphs:", json.dumps(results["cuda_graphs_check"]))
-    bad = [row for row in results["correctness"] if row.get("ok") is False]
-    print(f"correctness: {len(results['correctness']) - len(bad)} of {len(results['correctness'])} ok", *bad, sep="\n  ")
+    _print_correctness(results["correctness"])
     print(f"wrote {path}")
 
 
