@@ -234,6 +234,10 @@ def _check_dtype(node: fx.Node) -> None:
         raise CannotGenerate("not a tensor value", node)
     if val.dtype not in lowerings.TRITON_DTYPES:
         raise CannotGenerate(f"dtype {val.dtype} has no Triton equivalent", node)
+    for arg in node.all_input_nodes:  # an operand's too: abs of a complex tensor is a float one
+        arg_val = arg.meta.get("val")
+        if isinstance(arg_val, torch.Tensor) and arg_val.dtype not in lowerings.TRITON_DTYPES:
+            raise CannotGenerate(f"operand {arg.name} has dtype {arg_val.dtype}, which has no Triton equivalent", node)
     if val.device.type == "meta":
         raise CannotGenerate("meta tensor", node)
     if any(isinstance(size, int) and size == 0 for size in val.shape):
@@ -497,10 +501,11 @@ class _Emitter:
         acc = self.fresh()
         tl_dtype = lowerings.TRITON_DTYPES[dtype]
         self.row_block.append(f"{acc} = tl.full([XBLOCK, RBLOCK], {neutral}, {tl_dtype})")
+        nan = ", tl.PropagateNan.ALL" if dtype.is_floating_point else ""  # torch's max/min keep NaN
         combined = {
             "tl.sum": f"{acc} + {block}",
-            "tl.max": f"tl.maximum({acc}, {block})",
-            "tl.min": f"tl.minimum({acc}, {block})",
+            "tl.max": f"tl.maximum({acc}, {block}{nan})",
+            "tl.min": f"tl.minimum({acc}, {block}{nan})",
         }[spec.combine]
         self.elem_block.append(f"{acc} = tl.where(xrmask, {combined}, {acc})")
         return acc
@@ -509,6 +514,9 @@ class _Emitter:
         spec = lowerings.REDUCTIONS[node.target]
         dtype = lowerings.compute_dtype(node.meta["val"].dtype)
         expr = f"{spec.combine}({acc}, 1)[:, None]"
+        if spec.combine != "tl.sum" and dtype.is_floating_point:
+            # tl.max/tl.min drop NaN; torch's amax/amin return NaN for a row that has one
+            expr = f'tl.where(tl.sum(({acc} != {acc}).to(tl.int32), 1)[:, None] > 0, float("nan"), {expr})'
         if spec.mean:
             expr = f"({expr} / rnumel)"
         self.reduced[node] = result = self.put(expr, dtype, 1)

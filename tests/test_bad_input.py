@@ -79,12 +79,6 @@ def assert_eager_equal(
 # ---------------------------------------------------------------- unsupported dtypes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codegen's dtype check (kernel._check_dtype) looks only at a node's result: aten.abs of a complex64 "
-    "tensor (a float32 result) joins a kernel whose launcher then fails with KeyError: 'complex64' "
-    "(GuardedCall runs the group in eager, so the values are right, but it is a crash)",
-)
 def test_complex_tensors_run_as_eager_aten_with_a_warning():
     warned = assert_eager_equal(lambda x: (torch.exp(x) * x + 1).abs() * 2, lambda: (torch.randn(6, dtype=torch.complex64),))
     assert any("complex64" in w for w in warned), warned
@@ -202,18 +196,7 @@ NAN_INF = {
     "argmax": lambda x: (x * 2).argmax(-1),
 }
 
-# Known wrong results, kept as strict xfails so the fix has to remove them from here.
-NAN_REDUCTION_BUG = (
-    "codegen lowers amax/amin to tl.max/tl.min, which drop NaN (torch's propagate it): a row with a NaN "
-    "reduces to inf/-inf or to its largest/smallest number instead of NaN"
-)
-NAN_INF_XFAIL = {"amax": NAN_REDUCTION_BUG, "amin": NAN_REDUCTION_BUG}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NAN_INF_XFAIL[n])) if n in NAN_INF_XFAIL else n for n in NAN_INF],
-)
+@pytest.mark.parametrize("name", NAN_INF)
 def test_nan_and_inf_propagate_as_in_eager(name):
     assert_eager_equal(NAN_INF[name], lambda: (SPECIALS.clone(),), grad=name != "argmax")
 

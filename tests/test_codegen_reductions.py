@@ -59,6 +59,23 @@ def test_two_reductions_and_full_epilogue_over_a_transposed_input(variant):
     assert_matches(result, fn(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("op", [aten.amax.default, aten.amin.default], ids=str)
+def test_max_and_min_propagate_nan_like_eager(op, variant):
+    """tl.max/tl.min drop NaN; torch's amax/amin give NaN for a row with one (whatever its other values)."""
+    x = torch.randn(4, 11)
+    x[0, 3] = float("nan")
+    x[1, 10] = float("nan")
+    x[2, 0], x[2, 5] = float("inf"), -float("inf")
+    x[3, :] = float("nan")
+
+    def fn(x):
+        return op(aten.mul.Tensor(x, 2.0), [1], False)
+
+    result, calls = run_fused(fn, x)
+    assert len(calls) == 1
+    assert_matches(result, fn(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_sums_accumulate_in_fp32(dtype):
     x = (torch.rand(4, 4096) + 0.5).to(dtype)
