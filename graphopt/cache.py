@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -169,9 +170,14 @@ class TuningCache:
 
     # -- the API passes use -----------------------------------------------------------
 
-    def get(self, namespace: str, key: str) -> Any | None:
-        """The stored value, or None when absent (or when the database fails)."""
-        value = self._lookup(namespace, key)
+    def get(self, namespace: str, key: str, decode: Callable[[Any], Any] | None = None) -> Any | None:
+        """The stored value, or None when absent (or when the database fails).
+
+        `decode` turns the stored JSON back into what the pass uses, raising ValueError (or the
+        KeyError/TypeError/IndexError of a value of the wrong shape) when it does not fit the graph:
+        a corrupt or stale entry. That lookup counts as a miss, so the caller recomputes and
+        stores a fresh value."""
+        value = self._lookup(namespace, key, decode)
         return None if value is _MISSING else value
 
     def put(self, namespace: str, key: str, value: Any) -> None:
@@ -195,7 +201,7 @@ class TuningCache:
             self.put(namespace, key, value)
         return value
 
-    def _lookup(self, namespace: str, key: str) -> Any:
+    def _lookup(self, namespace: str, key: str, decode: Callable[[Any], Any] | None = None) -> Any:
         try:
             row = (
                 self._conn()
@@ -206,6 +212,15 @@ class TuningCache:
         except (sqlite3.Error, ValueError) as e:
             self._degraded(e)
             value = _MISSING
+        if value is not _MISSING and decode is not None:
+            try:
+                value = decode(value)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                warnings.warn(
+                    f"graphopt: tuning cache entry {namespace}/{key} does not fit the graph ({e}); recomputing it",
+                    CacheWarning,
+                )
+                value = _MISSING
         self._count(namespace, key, hit=value is not _MISSING)
         return value
 
@@ -427,6 +442,37 @@ def _initialize(path: str) -> sqlite3.Connection:
     return conn
 
 
+# -- nodes in stored values ------------------------------------------------------------
+
+
+class NodeIndex:
+    """Nodes of one graph in stored values: each as its position in the graph and its op,
+    which reading back checks, so a value that does not fit the graph is caught."""
+
+    def __init__(self, nodes: Sequence[fx.Node]):
+        self.nodes = list(nodes)
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+
+    @staticmethod
+    def _op(node: fx.Node) -> str:
+        from graphopt.pipeline import node_op_name
+
+        return node_op_name(node) if node.op == "call_function" else node.op
+
+    def refs(self, nodes: Sequence[fx.Node]) -> list[list[Any]]:
+        return [[self.position[n], self._op(n)] for n in nodes]
+
+    def resolve(self, refs: Any) -> list[fx.Node]:
+        """The nodes `refs` stored; ValueError if a position is out of range or holds another op."""
+        nodes = []
+        for position, op in refs:
+            in_range = isinstance(position, int) and 0 <= position < len(self.nodes)
+            if not in_range or self._op(self.nodes[position]) != op:
+                raise ValueError(f"no {op} at position {position}")
+            nodes.append(self.nodes[position])
+        return nodes
+
+
 # -- the key ----------------------------------------------------------------------------
 
 
@@ -435,6 +481,23 @@ def _package_version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "none"
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """A hash of graphopt's own source: an edited pass or codegen (same version number, as in a
+    development checkout) may decide differently, so its cached decisions must not be found."""
+    import graphopt
+    from graphopt import codegen, cost_model, passes
+
+    digest = hashlib.sha256()
+    for package in (graphopt, codegen, cost_model, passes):
+        for folder in package.__path__:
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".py"):
+                    with open(os.path.join(folder, name), "rb") as f:
+                        digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]
 
 
 def device_name(device: torch.device) -> str:
@@ -492,7 +555,8 @@ def graph_key(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Option
 
     The graph's structure (ops, argument structure, shapes/dtypes/strides of every
     value, symbolic where dynamic), the inputs' layout, the device kind, the
-    torch/triton/graphopt versions, and every option that changes compiled code.
+    torch/triton/graphopt versions (and graphopt's source), and every option that changes
+    compiled code.
     """
     import graphopt
 
@@ -501,7 +565,7 @@ def graph_key(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Option
         _describe_graph(gm),
         _describe_value(list(example_inputs)),
         device_name(device),
-        (torch.__version__, _package_version("triton"), graphopt.__version__),
+        (torch.__version__, _package_version("triton"), graphopt.__version__, source_digest()),
         sorted((k, repr(v)) for k, v in options_part.items()),
     )
     return hashlib.sha256(repr(material).encode()).hexdigest()[:32]

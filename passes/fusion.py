@@ -19,6 +19,9 @@ it reads, so a view is never materialized and neither ties two kernels together.
 Each group becomes one `call_function` node whose target is a GuardedCall:
 primary the generated kernel (graphopt.codegen.FusedKernel), fallback the
 group's original subgraph as a GraphModule of ATen calls.
+
+The grouping is kept in the tuning cache (`fusion_cache.py`): a warm compile
+replays it instead of trying every merge, and then writes the same kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import dataclasses
 import heapq
 import operator
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import fx
@@ -36,6 +40,7 @@ from graphopt.codegen import compiler, heuristics, lowerings
 from graphopt.codegen.kernel import CannotGenerate, node_kind
 from graphopt.cost_model import roofline
 from graphopt.fallback import warn_fallback
+from graphopt.passes import fusion_cache
 from graphopt.pipeline import PassContext, PassReport, node_op_name
 from graphopt.runtime import GuardedCall
 
@@ -392,32 +397,118 @@ def _subgraph(name: str, members: list[fx.Node], inputs: list[fx.Node], outputs:
     return fx.GraphModule(torch.nn.Module(), graph, name), env
 
 
-def _rewrite(gm: fx.GraphModule, grouping: _Grouping, fusable: set[fx.Node], ctx: PassContext) -> list[FusedGroup]:
-    graph = gm.graph
+def _kernel_groups(grouping: _Grouping, fusable: set[fx.Node]) -> list[_Group]:
+    """The groups that become kernels, in graph order."""
     groups = {
         id(g): g
         for g in grouping.group.values()
         if _has_compute(g.members) and all(m in fusable for m in g.members)
     }
-    order_key: dict[fx.Node, float] = {n: float(p) for n, p in grouping.pos.items()}
-    fused: list[FusedGroup] = []
+    return sorted(groups.values(), key=lambda g: grouping.pos[g.members[0]])
+
+
+def _replay(nodes: list[fx.Node], fusable: set[fx.Node], stored: list[fusion_cache.StoredGroup]) -> _Grouping:
+    """The grouping a cached decision describes, merged again under the checks that formed it;
+    ValueError where one fails (the entry does not fit this graph).
+
+    Members merge in graph order, so a group that formed without a cycle replays without one."""
+    grouping = _Grouping(nodes)
+    for node in nodes:
+        grouping.unit(node)
+    for group in stored:
+        members = sorted(group.members, key=grouping.pos.__getitem__)
+        if not all(m in fusable for m in members) or not _has_compute(members):
+            raise ValueError(f"group of {members[0].name} holds nodes that do not fuse")
+        # reads move only with their kernel's computation, so that is where a write must not lie
+        if grouping.spans_mutation([m for m in members if not _is_free(m)]):
+            raise ValueError(f"group of {members[0].name} spans an in-place write")
+        current = grouping.unit(members[0])
+        for member in members[1:]:
+            other = grouping.unit(member)
+            if grouping.would_cycle(current, other):
+                raise ValueError(f"group of {members[0].name} makes a cycle between kernels")
+            current = grouping.merge(current, other, "")
+        current.merges = list(group.merges)
+    grouped = {m for group in stored for m in group.members}
+    left = [n for n in nodes if n in fusable and _has_compute([n]) and n not in grouped]
+    if left:
+        raise ValueError(f"{left[0].name} is in no group")
+    return grouping
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """A kernel group planned by codegen on a copy of its nodes, before the graph changes."""
+
+    group: _Group
+    name: str
+    sub_gm: fx.GraphModule  # the group's original nodes: the eager fallback
+    spec: codegen.KernelSpec | None  # None: codegen cannot write it, it stays ATen calls
+    failure: str | None
+
+
+def _plan_kernels(grouping: _Grouping, fusable: set[fx.Node], ctx: PassContext) -> list[_Planned]:
     prefix = ctx.graph_name.split("_frame")[0]
-    spec_of_device = roofline.device_spec(ctx.device)
-    for index, g in enumerate(sorted(groups.values(), key=lambda g: grouping.pos[g.members[0]])):
-        members = g.members
+    planned = []
+    for index, g in enumerate(_kernel_groups(grouping, fusable)):
         name = f"fused_{prefix}_{ctx.kind}_{index}"
-        outputs = _outputs(members)
-        inputs = _external_inputs(members)
-        sub_gm, env = _subgraph(name, members, inputs, outputs)
+        outputs = _outputs(g.members)
+        sub_gm, env = _subgraph(name, g.members, _external_inputs(g.members), outputs)
         try:
-            spec = codegen.plan_kernel(name, [env[m] for m in members], [env[o] for o in outputs])
+            spec = codegen.plan_kernel(name, [env[m] for m in g.members], [env[o] for o in outputs])
         except Exception as e:  # e.g. a lone node codegen cannot write: it stays an ATen call
             reason = e.reason if isinstance(e, CannotGenerate) else f"codegen raised {type(e).__name__}: {e}"[:300]
-            warn_fallback(", ".join(sorted({node_op_name(m) for m in members})), reason)
+            planned.append(_Planned(g, name, sub_gm, None, reason))
             continue
-        assert [p.name for p in spec.inputs] == [n.name for n in inputs]
+        planned.append(_Planned(g, name, sub_gm, spec, None))
+    return planned
+
+
+def _decide(
+    nodes: list[fx.Node], fusable: set[fx.Node], ctx: PassContext, key: str | None
+) -> tuple[_Grouping, list[RejectedMerge], list[_Planned]]:
+    """The groups, the rejected merges and the planned kernels: from the tuning cache's entry for
+    this graph if codegen plans its groups as it did when they were stored, else formed here and stored."""
+    cache = ctx.cache
+    if cache is not None:
+
+        def decode(value: Any) -> tuple[_Grouping, list[RejectedMerge], list[_Planned]]:
+            stored = fusion_cache.parse(value, nodes)
+            grouping = _replay(nodes, fusable, stored.groups)
+            planned = _plan_kernels(grouping, fusable, ctx)
+            if [p.spec is not None for p in planned] != [g.kernel for g in stored.groups]:
+                raise ValueError("codegen plans its groups differently now")
+            return grouping, [RejectedMerge(*r) for r in stored.rejected], planned
+
+        hit = cache.get(fusion_cache.CACHE_NAMESPACE, key, decode)
+        if hit is not None:
+            return hit
+    rejected: list[RejectedMerge] = []
+    grouping = _form_groups(nodes, fusable, rejected)
+    planned = _plan_kernels(grouping, fusable, ctx)
+    if cache is not None:
+        groups = [(p.group.members, p.group.merges, p.spec is not None) for p in planned]
+        value = fusion_cache.encode(nodes, groups, [(r.first, r.second, r.reason) for r in rejected])
+        cache.put(fusion_cache.CACHE_NAMESPACE, key, value)
+    return grouping, rejected, planned
+
+
+def _rewrite(gm: fx.GraphModule, grouping: _Grouping, planned: list[_Planned], ctx: PassContext) -> list[FusedGroup]:
+    graph = gm.graph
+    order_key: dict[fx.Node, float] = {n: float(p) for n, p in grouping.pos.items()}
+    fused: list[FusedGroup] = []
+    spec_of_device = roofline.device_spec(ctx.device)
+    for plan in planned:
+        members, spec = plan.group.members, plan.spec
+        if spec is None:
+            warn_fallback(", ".join(sorted({node_op_name(m) for m in members})), plan.failure)
+            continue
+        outputs = _outputs(members)
+        # earlier kernels replaced some inputs by their own outputs, one for one and in the same order
+        inputs = _external_inputs(members)
+        assert len(spec.inputs) == len(inputs)
         kernel = codegen.FusedKernel(spec, None)
-        target = GuardedCall(name, kernel, sub_gm)
+        target = GuardedCall(plan.name, kernel, plan.sub_gm)
         # placed where its first computation was; the sort below moves it after its inputs
         first = next(m for m in members if node_kind(m) in _COMPUTE_KINDS)
         with graph.inserting_before(first):
@@ -444,7 +535,15 @@ def _rewrite(gm: fx.GraphModule, grouping: _Grouping, fusable: set[fx.Node], ctx
             graph.erase_node(m)
         kind = "reduction" if spec.domain.is_reduction else "pointwise"
         fused.append(
-            FusedGroup(name, _names(members), kind, tuple(g.merges), kernel.cost.bytes_moved, kernel.cost.seconds, unfused_seconds)
+            FusedGroup(
+                plan.name,
+                _names(members),
+                kind,
+                tuple(plan.group.merges),
+                kernel.cost.bytes_moved,
+                kernel.cost.seconds,
+                unfused_seconds,
+            )
         )
     _stable_topological_sort(graph, order_key)
     return fused
@@ -497,6 +596,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, FusionRep
         reason = f"Triton cannot run on {ctx.device} here (on CPU set TRITON_INTERPRET=1)"
         warn_fallback("fusion", reason)
         return gm, FusionReport([], [], {}, skipped=reason)
+    key = fusion_cache.key(gm, ctx) if ctx.cache is not None else None  # of the graph as it came in
     split = _split_long_reductions(gm.graph)
     fusable: set[fx.Node] = set()
     not_fused: dict[str, str] = {}
@@ -509,8 +609,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, FusionRep
             warn_fallback(str(node.target), why)
     _private_free_chains(gm.graph, fusable)
     nodes = list(gm.graph.nodes)
-    rejected: list[RejectedMerge] = []
-    grouping = _form_groups(nodes, fusable, rejected)
-    groups = _rewrite(gm, grouping, fusable, ctx)
+    grouping, rejected, planned = _decide(nodes, fusable, ctx, key)
+    groups = _rewrite(gm, grouping, planned, ctx)
     gm.graph.eliminate_dead_code()
     return gm, FusionReport(groups, rejected, not_fused, split)

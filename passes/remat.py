@@ -6,7 +6,7 @@ backward graph (which recomputes whatever was not saved). Which values to save
 is the decision made here.
 
 - `memory_budget=None`: torch's min-cut partition, unchanged (runtime-optimal,
-  what inductor does by default).
+  what inductor does by default); its choice is cached (`passes/min_cut.py`).
 - A budget: the CP-SAT model of `remat_solver` picks, for every forward value
   the backward needs, save / recompute / store compressed (`remat_compress`),
   so that the activation memory held during the backward (`remat_graph.
@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._functorch import config as functorch_config
 from torch._functorch.partitioners import (
     _extract_fwd_bwd_modules,
     min_cut_rematerialization_partition,
@@ -56,6 +55,7 @@ from torch.utils._pytree import tree_leaves
 from graphopt.cost_model.roofline import device_spec
 from graphopt.fallback import warn_fallback
 from graphopt.options import Options
+from graphopt.passes.min_cut import partition as min_cut_partition
 from graphopt.passes.remat_compress import compress_saved_values
 from graphopt.passes.remat_graph import (
     JointAnalysis,
@@ -121,31 +121,22 @@ def _capacity_bytes(budget: float | int, save_everything: int) -> int:
     return budget
 
 
-def _min_cut(
-    joint: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indices: Sequence[int]
-) -> tuple[fx.GraphModule, fx.GraphModule]:
-    with functorch_config.patch(cse=False):  # the same graph as ours, so node names match
-        return min_cut_rematerialization_partition(
-            copy_graph_module(joint),
-            None,
-            num_fwd_outputs=num_fwd_outputs,
-            static_lifetime_input_indices=list(static_lifetime_input_indices),
-        )
-
-
 def _plan_of_partition(analysis: JointAnalysis, bw: fx.GraphModule) -> Plan:
     """The plan a partition implements: the candidates its backward computes."""
     computed = {n.name for n in bw.graph.nodes if n.op == "call_function"}
     return valid_plan(analysis, [n for n in analysis.candidates if n.name in computed])
 
 
-def _plan_from_cache(analysis: JointAnalysis, value: Any) -> Plan | None:
+def _cached_decision(analysis: JointAnalysis) -> Callable[[Any], _Decision]:
+    """Reads a stored plan back; KeyError if it names a value that is no candidate of this graph."""
     by_name = {n.name: n for n in analysis.candidates}
-    try:
-        names = value["recomputed"], value["compressed"]
-        return Plan(frozenset(by_name[n] for n in names[0]), frozenset(by_name[n] for n in names[1]))
-    except (KeyError, TypeError):
-        return None
+
+    def decode(value: Any) -> _Decision:
+        recomputed, compressed = (frozenset(by_name[n] for n in value[field]) for field in ("recomputed", "compressed"))
+        plan = Plan(recomputed, compressed)
+        return _Decision(plan, "tuning cache", str(value["status"]), 0.0)
+
+    return decode
 
 
 def _mib(nbytes: int) -> str:
@@ -186,10 +177,9 @@ def _decide(
     cache = ctx.cache
     key = cache.graph_key if cache is not None else None
     if cache is not None and key is not None:
-        stored = cache.get(CACHE_NAMESPACE, key)
-        plan = _plan_from_cache(analysis, stored) if stored is not None else None
-        if plan is not None:
-            return _Decision(plan, "tuning cache", stored["status"], 0.0)
+        stored = cache.get(CACHE_NAMESPACE, key, _cached_decision(analysis))
+        if stored is not None:
+            return stored
     decision = _solve(analysis, capacity, hint, save_everything, ctx)
     if cache is not None and key is not None and decision.plan is not None:
         cache.put(
@@ -263,7 +253,7 @@ def run(
 
     @functools.cache
     def min_cut() -> tuple[fx.GraphModule, fx.GraphModule, Plan]:
-        fw, bw = _min_cut(joint, num_fwd_outputs, static_lifetime_input_indices)
+        fw, bw = min_cut_partition(joint, num_fwd_outputs, static_lifetime_input_indices, ctx.cache)
         return fw, bw, _plan_of_partition(analysis, bw)
 
     budget = ctx.options.memory_budget
