@@ -20,9 +20,8 @@ def fake_mode_of(args: Any) -> Any:
     return detect_fake_mode(vals)
 
 
-def call_with_meta(graph: fx.Graph, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.Node:
+def call_with_meta(graph: fx.Graph, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
     """`graph.call_function(target, args, kwargs)` at the graph's insertion point, with meta['val']."""
-    kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
     vals, kwvals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
     with fake_mode_of(args):

@@ -120,7 +120,7 @@ def _pad(graph: fx.Graph, node: fx.Node, rows: int, cols: int) -> fx.Node:
     """`node` with `rows` zero rows and `cols` zero columns appended (last two dims)."""
     if rows == cols == 0:
         return node
-    return call_with_meta(graph, aten.constant_pad_nd.default, (node, [0, cols, 0, rows], 0.0))
+    return call_with_meta(graph, aten.constant_pad_nd.default, node, [0, cols, 0, rows], 0.0)
 
 
 def _pad_bias(graph: fx.Graph, bias: fx.Node, plan: _Plan) -> fx.Node:
@@ -131,7 +131,7 @@ def _pad_bias(graph: fx.Graph, bias: fx.Node, plan: _Plan) -> fx.Node:
     if rows:
         return _pad(graph, bias, rows, cols)
     if cols:
-        return call_with_meta(graph, aten.constant_pad_nd.default, (bias, [0, cols], 0.0))
+        return call_with_meta(graph, aten.constant_pad_nd.default, bias, [0, cols], 0.0)
     return bias
 
 
@@ -145,16 +145,16 @@ def _rewrite(graph: fx.Graph, node: fx.Node, plan: _Plan) -> fx.Node:
         padded_a = _pad(graph, a, plan.pad_m, plan.pad_k)
         padded_b = _pad(graph, b, plan.pad_k, plan.pad_n)
         if node.target == aten.addmm.default:
-            product = call_with_meta(graph, aten.addmm.default, (_pad_bias(graph, bias, plan), padded_a, padded_b))
+            product = call_with_meta(graph, aten.addmm.default, _pad_bias(graph, bias, plan), padded_a, padded_b)
         else:
-            product = call_with_meta(graph, node.target, (padded_a, padded_b))
+            product = call_with_meta(graph, node.target, padded_a, padded_b)
         rank = product.meta["val"].dim()
         result = product
         if plan.pad_m:
-            result = call_with_meta(graph, aten.slice.Tensor, (result, rank - 2, 0, plan.m))
+            result = call_with_meta(graph, aten.slice.Tensor, result, rank - 2, 0, plan.m)
         if plan.pad_n:
-            result = call_with_meta(graph, aten.slice.Tensor, (result, rank - 1, 0, plan.n))
-            result = call_with_meta(graph, aten.clone.default, (result,), {"memory_format": torch.contiguous_format})
+            result = call_with_meta(graph, aten.slice.Tensor, result, rank - 1, 0, plan.n)
+            result = call_with_meta(graph, aten.clone.default, result, memory_format=torch.contiguous_format)
     return result
 
 

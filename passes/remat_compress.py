@@ -16,31 +16,12 @@ from collections.abc import Collection
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
 
+from graphopt.passes.graph_edit import call_with_meta
 from graphopt.passes.remat_graph import COMPRESSED_DTYPE
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-
-
-def _fake_mode(joint: fx.GraphModule):
-    return detect_fake_mode([n.meta["val"] for n in joint.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
-
-
-class _Builder:
-    """Inserts ATen nodes with their meta['val'] computed under the graph's fake mode."""
-
-    def __init__(self, joint: fx.GraphModule):
-        self.graph = joint.graph
-        self.fake_mode = _fake_mode(joint)
-
-    def call(self, target, *args) -> fx.Node:
-        node = self.graph.call_function(target, args)
-        vals = fx.node.map_arg(args, lambda n: n.meta["val"])
-        with self.fake_mode:
-            node.meta["val"] = target(*vals)
-        return node
 
 
 def compress_saved_values(
@@ -51,27 +32,29 @@ def compress_saved_values(
     `backward_only`: nodes that run only for the backward (the backward itself and the
     values recomputed for it that the forward does not need); they read the
     decompressed copy."""
-    builder = _Builder(joint)
+    graph = joint.graph
     order = {n: i for i, n in enumerate(joint.graph.nodes)}
     saved: list[fx.Node] = []
     for value in compressed:
         dtype = value.meta["val"].dtype
         small = COMPRESSED_DTYPE[dtype]
         readers = sorted((u for u in value.users if u in backward_only), key=order.__getitem__)
-        with joint.graph.inserting_before(value.next):
+        with graph.inserting_before(value.next):
             if small.itemsize == 1:
-                amax = builder.call(aten.max.default, builder.call(aten.abs.default, value))
-                scale = builder.call(aten.clamp_min.default, builder.call(aten.div.Tensor, amax, torch.finfo(small).max), 1e-12)
-                stored = builder.call(prims.convert_element_type.default, builder.call(aten.div.Tensor, value, scale), small)
+                amax = call_with_meta(graph, aten.max.default, call_with_meta(graph, aten.abs.default, value))
+                ratio = call_with_meta(graph, aten.div.Tensor, amax, torch.finfo(small).max)
+                scale = call_with_meta(graph, aten.clamp_min.default, ratio, 1e-12)
+                scaled = call_with_meta(graph, aten.div.Tensor, value, scale)
+                stored = call_with_meta(graph, prims.convert_element_type.default, scaled, small)
                 saved += [stored, scale]
             else:
                 scale = None
-                stored = builder.call(prims.convert_element_type.default, value, small)
+                stored = call_with_meta(graph, prims.convert_element_type.default, value, small)
                 saved.append(stored)
-        with joint.graph.inserting_before(readers[0]):
-            restored = builder.call(prims.convert_element_type.default, stored, dtype)
+        with graph.inserting_before(readers[0]):
+            restored = call_with_meta(graph, prims.convert_element_type.default, stored, dtype)
             if scale is not None:
-                restored = builder.call(aten.mul.Tensor, restored, scale)
+                restored = call_with_meta(graph, aten.mul.Tensor, restored, scale)
         for reader in readers:
             reader.replace_input_with(value, restored)
     return saved
