@@ -86,7 +86,8 @@ class Options:
         None,
         _as_optional_path,
         "a directory path | None",
-        "folder of the tuning cache; None: $GRAPHOPT_CACHE_DIR, else the user cache dir (platformdirs)",
+        "folder of the tuning cache (remat, min-cut and fusion decisions, reused by the next compile of the same"
+        " graph); None: $GRAPHOPT_CACHE_DIR, else the user cache dir (platformdirs)",
     )
     memory_budget: float | int | None = _option(
         None,
