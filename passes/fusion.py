@@ -41,6 +41,7 @@ from graphopt.codegen.kernel import CannotGenerate, node_kind
 from graphopt.cost_model import roofline
 from graphopt.fallback import warn_fallback
 from graphopt.passes import fusion_cache
+from graphopt.passes.graph_edit import call_with_meta
 from graphopt.pipeline import PassContext, PassReport, node_op_name
 from graphopt.runtime import GuardedCall
 
@@ -149,24 +150,18 @@ def _split_long_reductions(graph: fx.Graph) -> list[str]:
         factor = heuristics.split_reduction_factor(val.numel() // max(rnumel, 1), rnumel, inner)
         if factor == 1:
             continue
-        fake_mode = val.fake_mode
         low = node.target == aten.sum.dim_IntList and val.dtype in (torch.float16, torch.bfloat16)
-
-        def add(target, *args, **kwargs):
-            with graph.inserting_before(node):
-                new = graph.call_function(target, args, kwargs)
-            with fake_mode:
-                new.meta["val"] = target(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in args], **kwargs)
-            return new
-
-        chunks = add(aten.reshape.default, source, sizes[:first] + [factor, rnumel // factor] + sizes[last + 1 :])
-        extra = {"dtype": torch.float32} if low else {}
-        partial = add(node.target, chunks, [first + 1], False, **extra)
-        total = add(node.target, partial, [first], False)
-        if low:
-            total = add(torch.ops.prims.convert_element_type.default, total, val.dtype)
-        result = add(aten.reshape.default, total, list(node.meta["val"].shape)) if keepdim else total
-        node.replace_all_uses_with(result)
+        with graph.inserting_before(node):
+            shape = sizes[:first] + [factor, rnumel // factor] + sizes[last + 1 :]
+            chunks = call_with_meta(graph, aten.reshape.default, source, shape)
+            extra = {"dtype": torch.float32} if low else {}
+            partial = call_with_meta(graph, node.target, chunks, [first + 1], False, **extra)
+            total = call_with_meta(graph, node.target, partial, [first], False)
+            if low:
+                total = call_with_meta(graph, torch.ops.prims.convert_element_type.default, total, val.dtype)
+            if keepdim:
+                total = call_with_meta(graph, aten.reshape.default, total, list(node.meta["val"].shape))
+        node.replace_all_uses_with(total)
         graph.erase_node(node)
         split.append(f"{node.name}: {val.numel() // rnumel} rows of {rnumel} -> {factor} chunks each")
     return split
