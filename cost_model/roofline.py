@@ -38,6 +38,9 @@ class DeviceSpec:
     bytes_per_s: float
     launch_overhead_s: float
     fp32_matmul_flops_per_s: float | None = None
+    # How many times slower a matrix product runs when a leading dimension is not a multiple
+    # of 16 bytes (cuBLAS falls back to align-1 kernels); 1.0: alignment picks no kernels.
+    misaligned_matmul_slowdown: float = 1.0
 
     def matmul_rate(self, dtype: torch.dtype | None) -> float:
         """FLOP/s of a matrix product whose operands have `dtype`."""
@@ -69,6 +72,9 @@ _KNOWN_CUDA_DEVICES: tuple[_KnownDevice, ...] = (
     _KnownDevice("A100", 108, 2.5e14, 1.6e13, 1.25e14, 1.6e13, 1.6e12, 4e-6),
     _KnownDevice("L4", 58, 9.0e13, 2.4e13, 4.5e13, 2.4e13, 2.6e11, 4e-6),
 )
+# GPT-2's LM head (vocabulary 50257) on an H200: cuBLAS align-1 kernels took 4.3 to 6.6 ms
+# where the aligned products take about 1 ms (benchmarks/results/2026-12-04-h200/profile).
+CUDA_MISALIGNED_MATMUL_SLOWDOWN = 4.0
 # An unrecognised GPU is priced as an H100 scaled by its SM count.
 _REFERENCE_CUDA_DEVICE = _KNOWN_CUDA_DEVICES[1]
 
@@ -99,6 +105,7 @@ def _cuda_spec(name: str, sm_count: int) -> DeviceSpec:
         bytes_per_s=known.bytes_per_s * scale,
         launch_overhead_s=known.launch_overhead_s,
         fp32_matmul_flops_per_s=(known.fp32_tf32_flops_per_s if tf32 else known.fp32_ieee_flops_per_s) * scale,
+        misaligned_matmul_slowdown=CUDA_MISALIGNED_MATMUL_SLOWDOWN,
     )
 
 

@@ -11,9 +11,9 @@ The rewrite pads the misaligned sizes with zeros, which leaves every dot product
 unchanged, and slices the padded result back; when the row length N was padded the
 slice is copied to the layout the graph promised (the copy fuses into the consumer
 when that is pointwise). A product is padded only when the roofline says the copies
-cost less than the align-1 slowdown saves. Static sizes only; CUDA only (on the
-CPU, alignment does not pick kernels), but the rewrite itself is device-agnostic
-and tested on the CPU.
+cost less than the align-1 slowdown saves (the device's misaligned_matmul_slowdown
+in cost_model/roofline.py: 1.0 on the CPU, where the pass does nothing). Static
+sizes only. The rewrite itself is device-agnostic and tested on the CPU.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from graphopt.pipeline import PassContext, PassReport
 aten = torch.ops.aten
 
 _ALIGN_BYTES = 16
-# How much slower cuBLAS's align-1 kernels were than aligned ones on the GPT-2 LM head (H200: 4.3 to 6.6 ms vs ~1 ms).
-MISALIGNED_SLOWDOWN = 4.0
 _PADDED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -104,7 +102,7 @@ def _worth_it(plan: _Plan, a: torch.Tensor, b: torch.Tensor, spec: DeviceSpec) -
     """The align-1 slowdown the padding saves exceeds the bytes the pads and the output copy move."""
     batch = a.numel() // (plan.m * plan.k)
     flops = 2 * batch * plan.m * plan.k * plan.n
-    saved_s = flops / spec.matmul_rate(a.dtype) * (MISALIGNED_SLOWDOWN - 1)
+    saved_s = flops / spec.matmul_rate(a.dtype) * (spec.misaligned_matmul_slowdown - 1)
     copied = 0
     if plan.pad_m or plan.pad_k:
         copied += 2 * a.numel()
@@ -201,13 +199,9 @@ def pad_matmuls(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule, l
     return gm, padded
 
 
-def alignment_matters(device: torch.device) -> bool:
-    """Whether the device's matrix-product kernels depend on 16-byte alignment (tests override it)."""
-    return device.type == "cuda"
-
-
 def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PadMatmulReport]:
-    if not alignment_matters(ctx.device):
-        return gm, PadMatmulReport([], skipped=f"alignment picks no kernels on {ctx.device.type}")
-    gm, padded = pad_matmuls(gm, device_spec(ctx.device))
+    spec = device_spec(ctx.device)
+    if spec.misaligned_matmul_slowdown <= 1:
+        return gm, PadMatmulReport([], skipped=f"alignment picks no matrix-product kernels on {spec.name}")
+    gm, padded = pad_matmuls(gm, spec)
     return gm, PadMatmulReport(padded)

@@ -15,7 +15,9 @@ from graphopt.passes import pad_matmul
 
 aten = torch.ops.aten
 # A device on which every misaligned product is worth padding.
-SLOW_MATMUL_SPEC = dataclasses.replace(CPU_SPEC, matmul_flops_per_s=1.0, fp32_matmul_flops_per_s=1.0)
+SLOW_MATMUL_SPEC = dataclasses.replace(
+    CPU_SPEC, matmul_flops_per_s=1.0, fp32_matmul_flops_per_s=1.0, misaligned_matmul_slowdown=4.0
+)
 
 
 def _pad(fn, *inputs):
@@ -69,12 +71,18 @@ def test_aligned_products_are_left_alone():
 
 def test_small_products_are_not_worth_padding():
     gm = make_fx(lambda a, b: a @ b, tracing_mode="fake")(torch.randn(4, 8), torch.randn(8, 5))
+    assert pad_matmul.pad_matmuls(gm, dataclasses.replace(CPU_SPEC, misaligned_matmul_slowdown=4.0))[1] == []
+
+
+def test_devices_without_an_alignment_penalty_are_left_alone():
+    gm, padded = _pad(lambda a, b: a @ b, torch.randn(16, 32), torch.randn(32, 61))
+    assert padded
+    gm = make_fx(lambda a, b: a @ b, tracing_mode="fake")(torch.randn(16, 32), torch.randn(32, 61))
     assert pad_matmul.pad_matmuls(gm, CPU_SPEC)[1] == []
 
 
 def test_lm_head_with_odd_vocabulary_trains_like_eager(monkeypatch):
     """GPT-2's case end to end (forward, both backward products) with the pass forced on."""
-    monkeypatch.setattr(pad_matmul, "alignment_matters", lambda device: True)
     monkeypatch.setattr(pad_matmul, "device_spec", lambda device: SLOW_MATMUL_SPEC)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 61, bias=False))
