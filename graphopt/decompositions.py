@@ -24,6 +24,12 @@ _EXTRA_FOR_FUSION = [
     aten._log_softmax,
     aten.native_layer_norm,
     aten.gelu,
+    # Inference batch norm is pointwise: it fuses with the ReLU / residual add after it. Its decomposition
+    # goes through _native_batch_norm_legit (training=False: functional). Training batch norm
+    # (_native_batch_norm_legit_functional) stays cuDNN's until per-channel reductions over N*H*W are
+    # measured against it on a GPU.
+    aten._native_batch_norm_legit_no_training,
+    aten._native_batch_norm_legit,
 ]
 
 
