@@ -41,6 +41,8 @@ class DeviceSpec:
     # How many times slower a matrix product runs when a leading dimension is not a multiple
     # of 16 bytes (cuBLAS falls back to align-1 kernels); 1.0: alignment picks no kernels.
     misaligned_matmul_slowdown: float = 1.0
+    # Whether the device's convolution library is fastest on channels-last (NHWC) tensors (cuDNN).
+    channels_last_convolutions: bool = False
 
     def matmul_rate(self, dtype: torch.dtype | None) -> float:
         """FLOP/s of a matrix product whose operands have `dtype`."""
@@ -106,6 +108,7 @@ def _cuda_spec(name: str, sm_count: int) -> DeviceSpec:
         launch_overhead_s=known.launch_overhead_s,
         fp32_matmul_flops_per_s=(known.fp32_tf32_flops_per_s if tf32 else known.fp32_ieee_flops_per_s) * scale,
         misaligned_matmul_slowdown=CUDA_MISALIGNED_MATMUL_SLOWDOWN,
+        channels_last_convolutions=True,
     )
 
 

@@ -70,6 +70,12 @@ class Options:
     fusion: bool = _option(
         True, _as_bool, "True | False", "fuse pointwise/reduction regions into generated Triton kernels"
     )
+    channels_last: bool = _option(
+        True,
+        _as_bool,
+        "True | False",
+        "run the 2-D convolutions of inference graphs channels-last where the device's convolutions prefer it (CUDA)",
+    )
     pad_matmuls: bool = _option(
         True,
         _as_bool,

@@ -69,9 +69,11 @@ GraphPass = Callable[[fx.GraphModule, PassContext], tuple[fx.GraphModule, PassRe
 
 def graph_passes(options: Options) -> list[tuple[str, GraphPass]]:
     """The passes run on every forward, backward and inference graph, in order."""
-    from graphopt.passes import cleanup, fusion, pad_matmul
+    from graphopt.passes import cleanup, conv_layout, fusion, pad_matmul
 
     passes: list[tuple[str, GraphPass]] = [("cleanup", cleanup.run)]
+    if options.channels_last:
+        passes.append(("conv_layout", conv_layout.run))
     if options.pad_matmuls:
         passes.append(("pad_matmul", pad_matmul.run))
     if options.fusion:

@@ -138,7 +138,14 @@ def test_dump_writes_every_stage_and_kernels_and_diff_shows_a_pass(tmp_path, sma
         assert graph in folders
     forward = out / "g0_frame0_0_forward"
     # the remat partition made the forward graph: its record comes first
-    assert sorted(p.name for p in forward.glob("*.py")) == ["00_input.py", "01_remat.py", "02_cleanup.py", "03_pad_matmul.py", "04_fusion.py"]
+    assert sorted(p.name for p in forward.glob("*.py")) == [
+        "00_input.py",
+        "01_remat.py",
+        "02_cleanup.py",
+        "03_conv_layout.py",
+        "04_pad_matmul.py",
+        "05_fusion.py",
+    ]
     kernels = list((forward / "kernels").glob("*.py"))
     assert kernels and "@triton.jit" in kernels[0].read_text()
 

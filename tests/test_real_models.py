@@ -36,7 +36,7 @@ RTOL, ATOL = 1e-4, 2e-5
 LOSSY_OPTIONS = {"remat_compress"}
 LOSSY_RTOL = 2e-2
 # Options with nothing to do on the CPU this suite runs on (checked once, on GPT-2, below).
-CUDA_ONLY_OPTIONS = {"cuda_graphs", "pad_matmuls"}  # tests/test_pad_matmul.py forces padding on the CPU
+CUDA_ONLY_OPTIONS = {"cuda_graphs", "pad_matmuls", "channels_last"}  # their own tests force the last two on the CPU
 
 
 def option_combinations() -> list[dict[str, Any]]:
