@@ -95,8 +95,12 @@ _GRAPHOPT_DECOMPOSITIONS = {
 
 # Attention stays one extern call (flash/efficient kernels beat any decomposition), and
 # torch 2.13's decomposition of the CPU flash op gives wrong gradients under a causal mask.
+# Training batch norm's backward stays cuDNN's, like its forward: decomposed, it is per-channel
+# reductions over N*H*W of NCHW tensors, and resnet50 training ran slower than eager with them
+# (H200, benchmarks/results/2026-12-04-h200: 36.4 vs 28.6 ms) until they are measured alone.
 _KEEP_EXTERN = [
     aten._scaled_dot_product_flash_attention_for_cpu,
+    aten.native_batch_norm_backward,
 ]
 
 
