@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from graphopt.options import Options
 
@@ -82,12 +83,15 @@ def graph_passes(options: Options) -> list[tuple[str, GraphPass]]:
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copied graph (node meta copied shallowly, submodules shared)."""
+    """A new GraphModule over a copied graph (node meta copied shallowly, submodules shared).
+
+    Lazy: its Python code is generated when first read or run, not on every copy and
+    `recompile()`, since most copies (a pass's input, the records) are never run."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, val_map={})
     graph.output(out)
     graph._codegen = gm.graph._codegen
-    return fx.GraphModule(gm, graph, gm.__class__.__name__)
+    return _LazyGraphModule(gm, graph, gm.__class__.__name__)
 
 
 PassSelector = Callable[[Sequence[tuple[str, GraphPass]], PassContext], Sequence[tuple[str, GraphPass]]]
@@ -131,6 +135,7 @@ def run_pipeline(
         after.recompile()
         records.append(PassRecord(name, current, after, time.perf_counter() - start, report))
         current = after
+    _LazyGraphModule.force_recompile(current)  # the graph that runs: its code now, not on the first call
     if ctx.options.debug_dir:
         from graphopt.debug_dump import write_graph_records
 

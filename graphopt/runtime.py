@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from graphopt.fallback import warn_fallback
 from graphopt.pipeline import copy_graph_module
@@ -190,4 +191,5 @@ def _boxed(gm: fx.GraphModule) -> fx.GraphModule:
     boxed = copy_graph_module(gm)
     boxed.graph.set_codegen(fx.graph._BoxedCodeGen())
     boxed.recompile()
+    _LazyGraphModule.force_recompile(boxed)  # its forward is called directly, without the lazy check
     return boxed
