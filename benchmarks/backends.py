@@ -32,6 +32,8 @@ def _graphopt_row_options(row: Row) -> dict[str, Any]:
         options["memory_budget"] = row.memory_budget
     if row.cuda_graphs:
         options["cuda_graphs"] = True
+    if row.graphopt_off:
+        options[row.graphopt_off] = False
     return options
 
 

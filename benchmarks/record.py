@@ -37,6 +37,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "precision": (str,),
     "memory_budget": _OPTIONAL_NUMBER,
     "cuda_graphs": (bool,),
+    "graphopt_off": _OPTIONAL_STR,
     "status": (str,),
     "error": _OPTIONAL_STR,
     # where it ran (null when the row never started)
@@ -62,6 +63,8 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "fallbacks": (list,),
     "wall_s": _NUMBER,
 }
+# Fields added after results were first committed: absent from older files, read as these values.
+ADDED_FIELDS: dict[str, Any] = {"graphopt_off": None}
 
 
 def new_record(
@@ -86,7 +89,7 @@ def new_record(
 
 def schema_errors(record: dict[str, Any]) -> list[str]:
     """What is wrong with a record (missing/unknown fields, wrong types, bad status); empty if valid."""
-    errors = [f"missing field {name!r}" for name in SCHEMA if name not in record]
+    errors = [f"missing field {name!r}" for name in SCHEMA if name not in record and name not in ADDED_FIELDS]
     errors += [f"unknown field {name!r}" for name in record if name not in SCHEMA]
     for name, types in SCHEMA.items():
         if name in record and not isinstance(record[name], types):
@@ -120,4 +123,4 @@ def read_results(folder: str) -> list[dict[str, Any]]:
     for i, record in enumerate(data["records"]):
         if errors := schema_errors(record):
             raise ValueError(f"{path}: record {i}: " + "; ".join(errors))
-    return data["records"]
+    return [{**ADDED_FIELDS, **record} for record in data["records"]]

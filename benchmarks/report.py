@@ -169,7 +169,9 @@ def plot_pareto(records: list[dict[str, Any]], path: str) -> None:
         series: dict[str, list[dict[str, Any]]] = {}
         for r in train:
             if r["model"] == model:
-                unbudgeted = Row(r["model"], r["mode"], r["backend"], r["precision"], None, r["cuda_graphs"])
+                unbudgeted = Row(
+                    r["model"], r["mode"], r["backend"], r["precision"], None, r["cuda_graphs"], r.get("graphopt_off")
+                )
                 series.setdefault(unbudgeted.label, []).append(r)
         for name, points in series.items():
             points.sort(key=lambda r: 1.0 if r["memory_budget"] is None else r["memory_budget"])

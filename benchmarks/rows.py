@@ -1,8 +1,8 @@
 """What one benchmark row measures, and how a command line expands into rows.
 
-A row is one (model, mode, backend, precision, memory budget, CUDA graphs)
-combination; it runs in its own process, so its name (`label`) and its
-configuration must round-trip through JSON.
+A row is one (model, mode, backend, precision, memory budget, CUDA graphs, graphopt
+option turned off) combination; it runs in its own process, so its name (`label`)
+and its configuration must round-trip through JSON.
 """
 
 from __future__ import annotations
@@ -23,15 +23,18 @@ class Row:
     precision: str = "bf16"
     memory_budget: float | None = None
     cuda_graphs: bool = False
+    graphopt_off: str | None = None  # a boolean graphopt option turned off (an ablation row)
 
     @property
     def label(self) -> str:
-        """The variant's name in tables and plots, e.g. `inductor-budget50-cg`."""
+        """The variant's name in tables and plots, e.g. `inductor-budget50-cg`, `graphopt-no_channels_last`."""
         parts = [self.backend]
         if self.memory_budget is not None:
             parts.append(f"budget{round(self.memory_budget * 100)}")
         if self.cuda_graphs:
             parts.append("cg")
+        if self.graphopt_off:
+            parts.append(f"no_{self.graphopt_off}")
         if self.precision != "bf16":
             parts.append(self.precision)
         return "-".join(parts)
@@ -52,12 +55,13 @@ def plan_rows(
     precisions: Sequence[str],
     memory_budgets: Sequence[float],
     cuda_graphs: bool,
+    graphopt_ablations: Sequence[str] = (),
 ) -> list[Row]:
     """Every row of a run, model by model, so a run cut short by its time budget has whole models.
 
     Budget sweeps apply to training of the compiled backends (inference saves no
     activations); CUDA-graph rows are added for the compiled backends beside the
-    plain ones.
+    plain ones; each ablation adds a graphopt row with that option turned off.
     """
     rows = []
     for model in models:
@@ -70,4 +74,6 @@ def plan_rows(
                         rows.append(Row(model, mode, backend, precision, cuda_graphs=True))
                     if compiled and mode == "train":
                         rows.extend(Row(model, mode, backend, precision, memory_budget=b) for b in memory_budgets)
+                    if backend == "graphopt":
+                        rows.extend(Row(model, mode, backend, precision, graphopt_off=o) for o in graphopt_ablations)
     return rows

@@ -13,6 +13,7 @@ log per row under logs/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import uuid
@@ -62,6 +63,19 @@ def _budgets(text: str) -> list[float]:
     return budgets
 
 
+def _ablations(text: str) -> list[str]:
+    from graphopt.options import Options
+
+    switchable = [f.name for f in dataclasses.fields(Options) if f.default is True]
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in switchable]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"not a graphopt option that is on by default: {', '.join(unknown)} (valid: {', '.join(switchable)})"
+        )
+    return names
+
+
 def _steps(text: str) -> int:
     steps = int(text)
     if steps < MIN_TIMED_STEPS:
@@ -93,6 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="add CUDA-graph rows: inductor reduce-overhead, graphopt cuda_graphs"
+    )
+    parser.add_argument(
+        "--graphopt-ablations",
+        type=_ablations,
+        default=[],
+        help="comma-separated boolean graphopt options (default on) to also run turned off, e.g. channels_last,pad_matmuls",
     )
     parser.add_argument("--steps", type=_steps, default=MIN_TIMED_STEPS, help="timed steps per row (>= 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
@@ -129,7 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         "git_commit": args.git_commit or environment.git_commit(),
     }
     settings = {"steps": args.steps, "warmup": args.warmup, "input_sets": args.input_sets}
-    rows = plan_rows(args.models, args.modes, args.backends, args.precisions, args.memory_budgets, args.cuda_graphs)
+    rows = plan_rows(
+        args.models,
+        args.modes,
+        args.backends,
+        args.precisions,
+        args.memory_budgets,
+        args.cuda_graphs,
+        args.graphopt_ablations,
+    )
     console = Console(stderr=True)
     records: list[dict[str, Any]] = []
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -59,6 +59,14 @@ def test_plan_rows_budgets_only_for_compiled_training():
     assert Row("tiny", "train", "graphopt", "fp32", 0.3, True).label == "graphopt-budget30-cg-fp32"
 
 
+def test_ablation_rows_turn_one_graphopt_option_off():
+    rows = plan_rows(["tiny"], ["infer"], ["inductor", "graphopt"], ["bf16"], [], False, ["channels_last", "fusion"])
+    assert [r.label for r in rows] == ["inductor", "graphopt", "graphopt-no_channels_last", "graphopt-no_fusion"]
+    assert backends.compile_options(rows[2], None) == {"options": {"channels_last": False}}
+    with pytest.raises(SystemExit):
+        run.parse_args(["--graphopt-ablations", "memory_budget", "--out", "x"])
+
+
 def test_suite_models_build_lazily_and_tiny_runs():
     assert {"gpt2", "llama", "resnet50", "vit", "mlp", "tiny"} <= set(MODELS)
     spec = get_model("tiny")
