@@ -74,7 +74,7 @@ class Options:
         True,
         _as_bool,
         "True | False",
-        "run the 2-D convolutions of inference graphs channels-last where the device's convolutions prefer it (CUDA)",
+        "run 2-D convolutions (forward and backward) channels-last where the device's convolutions prefer it (CUDA)",
     )
     pad_matmuls: bool = _option(
         True,

@@ -1,4 +1,4 @@
-"""Run 2-D convolutions of inference graphs in channels-last layout.
+"""Run 2-D convolutions in channels-last layout.
 
 cuDNN's fast bf16/fp16 convolution kernels on NVIDIA GPUs work on NHWC
 (channels-last) tensors; given NCHW it transposes around every convolution or
@@ -14,10 +14,11 @@ once at the first convolution and wherever a layout-bound op demands another.
 A view that the new strides no longer allow becomes a reshape. Graph outputs whose
 layout changed are copied back, so callers see eager's strides.
 
-Only inference graphs: in training, the backward's inputs (the saved
-activations) got their layouts when the joint graph was partitioned, and a
-forward that changed them would make the backward copy every one back. Static
-shapes only.
+Training graphs are laid out as one joint graph, before the partition
+(passes/remat.py's Partitioner runs this pass first), so the forward's saved
+activations and the backward's inputs agree on their layouts; the separate
+forward and backward graphs are left as the partition made them. Static shapes
+only.
 """
 
 from __future__ import annotations
@@ -72,11 +73,20 @@ class ConvLayoutReport(PassReport):
         )
 
 
+# The 2-D convolution ops: which arguments are the activation and the weight, and where the flag
+# `transposed` is (transposed convolutions keep their layout).
+_CONVOLUTIONS = {
+    aten.convolution.default: ((0, 1), 6),
+    aten.convolution_backward.default: ((1, 2), 7),
+}
+
+
 def _is_conv2d(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target != aten.convolution.default:
+    if node.op != "call_function" or node.target not in _CONVOLUTIONS:
         return False
-    x = node.args[0].meta.get("val")
-    return isinstance(x, torch.Tensor) and x.dim() == 4 and not node.args[6]  # not transposed
+    (activation, _), transposed = _CONVOLUTIONS[node.target]
+    x = node.args[activation].meta.get("val")
+    return isinstance(x, torch.Tensor) and x.dim() == 4 and not node.args[transposed]
 
 
 def _channels_last(val: torch.Tensor) -> bool:
@@ -91,13 +101,15 @@ def _static(gm: fx.GraphModule) -> bool:
     )
 
 
-def _copy_to_channels_last(graph: fx.Graph, conv: fx.Node, index: int) -> fx.Node:
-    """Give `conv` a channels-last copy of its argument `index` (input 0, weight 1)."""
-    arg = conv.args[index]
-    with graph.inserting_before(conv):
-        copy = call_with_meta(graph, aten.clone.default, arg, memory_format=torch.channels_last)
-    conv.replace_input_with(arg, copy)
-    return copy
+def _copy_to_channels_last(graph: fx.Graph, conv: fx.Node, copies: dict[fx.Node, fx.Node]) -> None:
+    """Make `conv` read channels-last copies of its activation and weight, one copy per value
+    (a backward convolution reads the copies its forward made)."""
+    for index in _CONVOLUTIONS[conv.target][0]:
+        arg = conv.args[index]
+        if arg not in copies:
+            with graph.inserting_before(conv):
+                copies[arg] = call_with_meta(graph, aten.clone.default, arg, memory_format=torch.channels_last)
+        conv.replace_input_with(arg, copies[arg])
 
 
 def _drop_needless_copies(graph: fx.Graph, copies: list[fx.Node]) -> list[str]:
@@ -140,11 +152,13 @@ def to_channels_last(gm: fx.GraphModule) -> tuple[fx.GraphModule, ConvLayoutRepo
     graph = gm.graph
     convs = [n for n in graph.nodes if _is_conv2d(n)]
     original = {n: n.meta.get("val") for n in graph.nodes}
-    copies = [_copy_to_channels_last(graph, conv, index) for conv in convs for index in (0, 1)]
+    copies: dict[fx.Node, fx.Node] = {}
+    for conv in convs:
+        _copy_to_channels_last(graph, conv, copies)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     propagation = _LayoutPropagation(gm, fake_mode_of(tuple(placeholders)))
     propagation.propagate_dont_convert_inputs(*(n.meta["val"] for n in placeholders))
-    copied = _drop_needless_copies(graph, copies)  # a copy of a channels-last value changes no layout
+    copied = _drop_needless_copies(graph, list(copies.values()))  # a copy of a channels-last value changes no layout
     restored = _restore_outputs(graph, original)
     return gm, ConvLayoutReport([c.name for c in convs], copied, propagation.reshaped, restored)
 
@@ -155,8 +169,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, ConvLayou
 
     if not device_spec(ctx.device).channels_last_convolutions:
         return skip(f"convolutions on {ctx.device.type} do not prefer channels-last")
-    if ctx.kind != "inference":
-        return skip("training graphs keep the layouts the partition gave the backward's inputs")
+    if ctx.kind in ("forward", "backward"):
+        return skip("laid out as the joint graph, before the partition")
     if not any(_is_conv2d(n) for n in gm.graph.nodes):
         return skip("no 2-D convolutions")
     if not _static(gm):

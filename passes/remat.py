@@ -55,6 +55,7 @@ from torch.utils._pytree import tree_leaves
 from graphopt.cost_model.roofline import device_spec
 from graphopt.fallback import warn_fallback
 from graphopt.options import Options
+from graphopt.passes import conv_layout
 from graphopt.passes.min_cut import partition as min_cut_partition
 from graphopt.passes.remat_compress import compress_saved_values
 from graphopt.passes.remat_graph import (
@@ -277,11 +278,11 @@ def _device_of(values: Sequence[Any]) -> torch.device:
 
 
 class Partitioner:
-    """The partition_fn AOTAutograd calls: `run` on the joint graph.
+    """The partition_fn AOTAutograd calls: conv_layout (option channels_last), then `run`, on the joint graph.
 
-    Its pass record (joint graph in, forward graph out) waits in `take_records` for
-    the backend, which reports it as the first pass of the forward graph, so the
-    CLI shows it with the forward; cache lookups carry the forward graph's name."""
+    Their pass records (joint graph in, forward graph out) wait in `take_records` for
+    the backend, which reports them as the first passes of the forward graph, so the
+    CLI shows them with the forward; cache lookups carry the forward graph's name."""
 
     def __init__(self, options: Options, graph_name: Callable[[], str]):
         self.options = options
@@ -314,10 +315,16 @@ class Partitioner:
             device=device,
             cache=open_graph_cache(joint_module, inputs, self.options, device, name),
         )
-        start = time.perf_counter()
         try:
+            records = []
+            joint = joint_module
+            if self.options.channels_last:  # layouts first, so the forward and the backward agree on them
+                start = time.perf_counter()
+                joint, layout_report = conv_layout.run(copy_graph_module(joint_module), ctx)
+                records.append(PassRecord("conv_layout", joint_module, joint, time.perf_counter() - start, layout_report))
+            start = time.perf_counter()
             fw, bw, report = run(
-                joint_module,
+                joint,
                 ctx,
                 num_fwd_outputs=num_fwd_outputs,
                 static_lifetime_input_indices=static_lifetime_input_indices or (),
@@ -331,5 +338,5 @@ class Partitioner:
                 num_fwd_outputs=num_fwd_outputs,
                 static_lifetime_input_indices=static_lifetime_input_indices,
             )
-        self._records = [PassRecord("remat", joint_module, fw, time.perf_counter() - start, report)]
+        self._records = [*records, PassRecord("remat", joint, fw, time.perf_counter() - start, report)]
         return fw, bw

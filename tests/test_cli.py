@@ -137,14 +137,15 @@ def test_dump_writes_every_stage_and_kernels_and_diff_shows_a_pass(tmp_path, sma
     for graph in ("g0_frame0_0_backward", "g0_frame0_0_forward", "g1_frame1_0_backward", "g1_frame1_0_forward"):
         assert graph in folders
     forward = out / "g0_frame0_0_forward"
-    # the remat partition made the forward graph: its record comes first
+    # the partition made the forward graph: its records (joint graph layout, remat) come first
     assert sorted(p.name for p in forward.glob("*.py")) == [
         "00_input.py",
-        "01_remat.py",
-        "02_cleanup.py",
-        "03_conv_layout.py",
-        "04_pad_matmul.py",
-        "05_fusion.py",
+        "01_conv_layout.py",
+        "02_remat.py",
+        "03_cleanup.py",
+        "04_conv_layout.py",
+        "05_pad_matmul.py",
+        "06_fusion.py",
     ]
     kernels = list((forward / "kernels").glob("*.py"))
     assert kernels and "@triton.jit" in kernels[0].read_text()

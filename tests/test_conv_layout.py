@@ -85,16 +85,73 @@ def test_conv_output_as_graph_output_keeps_eager_layout_and_views_become_reshape
     assert report.views_made_reshapes and report.outputs_restored
 
 
-def test_training_graphs_and_plain_cpus_keep_their_layouts(monkeypatch):
-    model = SmallResNet()
-    x = torch.randn(2, 3, 8, 8)
+def test_plain_cpus_keep_their_layouts():
     with events.capture() as graphs:
-        torch.compile(model, backend="graphopt")(x).sum().backward()
+        torch.compile(SmallResNet(), backend="graphopt")(torch.randn(2, 3, 8, 8)).sum().backward()
     skipped = {r.report.skipped for g in graphs for r in g.records if r.name == "conv_layout"}
     assert skipped == {"convolutions on cpu do not prefer channels-last"}
+
+
+def test_cnn_training_lays_out_the_joint_graph_and_matches_eager(monkeypatch):
+    """Forward and backward agree on the saved activations' layouts; gradients keep eager's strides."""
+    import copy
+
     monkeypatch.setattr(conv_layout, "device_spec", lambda device: CHANNELS_LAST_SPEC)
-    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = SmallResNet()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 16, 16)
     with events.capture() as graphs:
-        torch.compile(model, backend="graphopt")(x).sum().backward()
-    skipped = {r.report.skipped for g in graphs for r in g.records if r.name == "conv_layout"}
-    assert skipped == {"training graphs keep the layouts the partition gave the backward's inputs"}
+        out = torch.compile(model, backend="graphopt")(x)
+        out.square().sum().backward()
+    expected = reference(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+        assert p.grad.stride() == q.grad.stride(), name
+    for b, c in zip(model.buffers(), reference.buffers()):  # batch-norm running statistics
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
+    reports = {(g.kind, r.report.skipped) for g in graphs for r in g.records if r.name == "conv_layout"}
+    assert (("forward", None)) in reports, "the joint graph was laid out (reported with the forward)"
+    joint_report = next(r.report for g in graphs for r in g.records if r.name == "conv_layout" and not r.report.skipped)
+    assert len(joint_report.channels_last_convolutions) == 6, "3 forward and 3 backward convolutions"
+    backward = next(g for g in graphs if g.kind == "backward")
+    conv_inputs = [n.args[1].meta["val"] for n in backward.output_gm.graph.nodes if "convolution_backward" in str(n.target)]
+    assert conv_inputs and all(v.is_contiguous(memory_format=torch.channels_last) for v in conv_inputs)
+
+
+class PatchEmbedding(nn.Module):
+    """ViT's stem: a strided convolution whose output is flattened into a token sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 4, stride=4)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x).flatten(2).transpose(1, 2))).mean(1)
+
+
+def test_patch_embedding_views_work_channels_last_in_training_and_inference(monkeypatch):
+    import copy
+
+    monkeypatch.setattr(conv_layout, "device_spec", lambda device: CHANNELS_LAST_SPEC)
+    torch.manual_seed(0)
+    model = PatchEmbedding()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 16, 16)
+    with events.capture() as graphs:
+        out = torch.compile(model, backend="graphopt")(x)
+        out.square().sum().backward()
+        with torch.no_grad():
+            inferred = torch.compile(model, backend="graphopt")(x)
+    expected = reference(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(inferred, expected.detach(), rtol=1e-4, atol=1e-5)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    laid_out = {g.kind for g in graphs for r in g.records if r.name == "conv_layout" and not r.report.skipped}
+    assert laid_out == {"forward", "inference"}
