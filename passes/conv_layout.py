@@ -31,7 +31,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from graphopt.cost_model.roofline import device_spec
 from graphopt.passes.graph_edit import call_with_meta, fake_mode_of
-from graphopt.pipeline import PassContext, PassReport
+from graphopt.pipeline import PassContext, PassReport, copy_graph_module
 
 aten = torch.ops.aten
 
@@ -175,4 +175,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, ConvLayou
         return skip("no 2-D convolutions")
     if not _static(gm):
         return skip("dynamic shapes")
-    return to_channels_last(gm)
+    try:  # on a copy: a failure leaves `gm` as it was
+        return to_channels_last(copy_graph_module(gm))
+    except Exception as e:  # an op whose layout rules FakeTensors cannot follow: keep eager's layouts
+        return skip(f"layouts could not be propagated: {type(e).__name__}: {e}".splitlines()[0][:300])

@@ -320,7 +320,7 @@ class Partitioner:
             joint = joint_module
             if self.options.channels_last:  # layouts first, so the forward and the backward agree on them
                 start = time.perf_counter()
-                joint, layout_report = conv_layout.run(copy_graph_module(joint_module), ctx)
+                joint, layout_report = conv_layout.run(joint_module, ctx)  # works on a copy
                 records.append(PassRecord("conv_layout", joint_module, joint, time.perf_counter() - start, layout_report))
             start = time.perf_counter()
             fw, bw, report = run(

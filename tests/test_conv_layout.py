@@ -155,3 +155,19 @@ def test_patch_embedding_views_work_channels_last_in_training_and_inference(monk
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
     laid_out = {g.kind for g in graphs for r in g.records if r.name == "conv_layout" and not r.report.skipped}
     assert laid_out == {"forward", "inference"}
+
+
+def test_a_failed_layout_propagation_keeps_the_graph_as_it_was(monkeypatch):
+    monkeypatch.setattr(conv_layout, "device_spec", lambda device: CHANNELS_LAST_SPEC)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("deliberately broken propagation")
+
+    monkeypatch.setattr(conv_layout._LayoutPropagation, "propagate_dont_convert_inputs", broken)
+    model = _randomize_batch_norms(SmallResNet())
+    x = torch.randn(2, 3, 8, 8)
+    out, reports = _compile_and_run(model, x, monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+    (report,) = reports
+    assert report.skipped.startswith("layouts could not be propagated: RuntimeError: deliberately broken")
