@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._functorch import config as functorch_config
+from torch._functorch.compile_utils import fx_graph_cse
 from torch._functorch.partitioners import (
     _extract_fwd_bwd_modules,
     min_cut_rematerialization_partition,
@@ -244,6 +246,8 @@ def run(
     `joint` itself is not modified."""
     joint = copy_graph_module(joint)
     joint.graph.eliminate_dead_code()
+    if functorch_config.cse:  # as min-cut would (it runs with cse off below, on this same graph)
+        joint.graph = fx_graph_cse(joint.graph)
     joint.recompile()
     primals = [n for n in joint.graph.find_nodes(op="placeholder") if not is_backward_input(n)]
     static_inputs = OrderedSet(primals[i] for i in static_lifetime_input_indices if i < len(primals))

@@ -143,3 +143,32 @@ def test_dynamic_batch_with_a_budget_compiles_once():
             torch.testing.assert_close(compiled(x), eager(x), rtol=RTOL, atol=ATOL)
             compiled(x).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_autocast_casts_of_one_value_are_computed_and_saved_once():
+    """Autocast casts a shared input once per projection; the joint graph's CSE merges the casts,
+    so the backward saves one bf16 copy, not three (the default min-cut plan and a budgeted one)."""
+
+    class Projections(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(32)
+            self.q, self.k, self.v = (torch.nn.Linear(32, 32, bias=False) for _ in range(3))
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.q(h) * self.k(h).sigmoid() + self.v(h)
+
+    for options in ({}, {"memory_budget": 1.0}):
+        torch._dynamo.reset()
+        model = Projections()
+        with events.capture() as graphs, torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.compile(model, backend="graphopt", options=options)(torch.randn(4, 8, 32)).float().sum().backward()
+        forward = next(g for g in graphs if g.kind == "forward")
+        joint_out = next(r.after for r in forward.records if r.name == "remat")
+        casts = [
+            n for n in joint_out.graph.nodes
+            if n.target == torch.ops.aten._to_copy.default and n.kwargs.get("dtype") == torch.bfloat16
+            and n.args[0].meta["val"].shape == (4, 8, 32)
+        ]
+        assert len(casts) == 1, (options, [c.name for c in casts])
