@@ -7,16 +7,20 @@ few steps with torch.profiler and prints: the step's wall time (CUDA events), th
 GPU time its kernels took (sum of kernel durations), the kernel launches per step,
 and the kernels that took the most GPU time. A step much longer than its kernels is
 host-bound (launch overhead, Python); kernels slower than another backend's are the
-generated code's or the extern calls' fault. This is a diagnostic, not a benchmark:
-claims come from `benchmarks.run`.
+generated code's or the extern calls' fault. `--host-profile` adds where the host time
+goes: cProfile over a few steps, the functions with the most time of their own per
+step (cProfile slows Python down, so read the shares, not the microseconds).
+This is a diagnostic, not a benchmark: claims come from `benchmarks.run`.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import json
 import pathlib
+import pstats
 from typing import Any
 
 import torch
@@ -33,7 +37,28 @@ def _kernel_events(prof: torch.profiler.profile) -> list[Any]:
     return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def profile_row(row: Row, device: torch.device, top: int) -> dict[str, Any]:
+def _host_profile(step: Any, top: int) -> list[dict[str, Any]]:
+    """The `top` functions by own host time per step (cProfile over _PROFILED_STEPS steps)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(_PROFILED_STEPS):
+        step(i)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive calls, own s, total s, callers)
+    ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [
+        {
+            "function": f"{pathlib.Path(file).name}:{line}:{name}",
+            "own_us_per_step": own * 1e6 / _PROFILED_STEPS,
+            "calls_per_step": calls / _PROFILED_STEPS,
+        }
+        for (file, line, name), (_, calls, own, _, _) in ranked
+    ]
+
+
+def profile_row(row: Row, device: torch.device, top: int, host: bool = False) -> dict[str, Any]:
     spec = get_model(row.model)
     model = spec.build(device)
     if row.mode == "infer":
@@ -62,6 +87,7 @@ def profile_row(row: Row, device: torch.device, top: int) -> dict[str, Any]:
         totals[event.name] += event.time_range.elapsed_us() / 1000
         counts[event.name] += 1
     kernels = sorted(totals, key=totals.get, reverse=True)[:top]
+    host_top = _host_profile(step, top) if host else []
     return {
         "key": row.key,
         "step_ms": step_ms,
@@ -71,6 +97,7 @@ def profile_row(row: Row, device: torch.device, top: int) -> dict[str, Any]:
             {"name": k[:90], "ms_per_step": totals[k] / _PROFILED_STEPS, "calls_per_step": counts[k] / _PROFILED_STEPS}
             for k in kernels
         ],
+        "host_top": host_top,
     }
 
 
@@ -80,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="infer,train")
     parser.add_argument("--backends", default="inductor,graphopt", help="also graphopt-cg (cuda_graphs on)")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--host-profile", action="store_true", help="also cProfile the host side of a few steps")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -91,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = Row(model=model, mode=mode, backend=backend, cuda_graphs=suffix == "cg")
                 torch._dynamo.reset()
                 try:
-                    result = profile_row(row, device, args.top)
+                    result = profile_row(row, device, args.top, args.host_profile)
                 except Exception as e:  # one row's failure is reported, the others still run
                     result = {"key": row.key, "error": f"{type(e).__name__}: {e}"[:500]}
                 results.append(result)

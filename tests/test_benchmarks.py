@@ -237,3 +237,18 @@ def test_malformed_results_are_rejected(tmp_path):
     write_results(str(tmp_path), [record])
     with pytest.raises(ValueError, match="peak_bytes"):
         read_results(str(tmp_path))
+
+
+def test_host_profile_ranks_functions_by_their_own_time_per_step():
+    from benchmarks.profile_kernels import _host_profile
+
+    def slow_helper():
+        return sum(i * i for i in range(20000))
+
+    def step(i):
+        slow_helper()
+
+    top = _host_profile(step, 5)
+    assert any("slow_helper" in row["function"] or "genexpr" in row["function"] for row in top[:2])
+    assert all(row["own_us_per_step"] >= 0 for row in top)
+    assert max(row["calls_per_step"] for row in top if "slow_helper" in row["function"]) == 1
