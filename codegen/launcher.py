@@ -155,7 +155,10 @@ class _Launch:
             self._launch_jit(args)
             return
         stream = torch._C._cuda_getCurrentRawStream(self.device)
-        binary.run(*self.grid, stream, binary.function, binary.packed_metadata, None, None, None, *args, *self.constexprs)
+        # (launch metadata, enter hook, exit hook): None, as Triton passes them when no hook is installed
+        binary.run(
+            *self.grid, stream, binary.function, binary.packed_metadata, None, None, None, *args, *self.constexprs
+        )
 
     def _launch_jit(self, args: tuple[Any, ...]) -> None:
         blocks = dict(zip(("XBLOCK", "RBLOCK"), self.constexprs))

@@ -95,10 +95,8 @@ def _channels_last(val: torch.Tensor) -> bool:
 
 def _static(gm: fx.GraphModule) -> bool:
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    return all(
-        not isinstance(v, torch.SymInt) and (not isinstance(v, torch.Tensor) or all(isinstance(s, int) for s in v.shape))
-        for v in vals
-    )
+    sizes = [s for v in vals if isinstance(v, torch.Tensor) for s in v.shape]
+    return not any(isinstance(v, torch.SymInt) for v in vals + sizes)
 
 
 def _copy_to_channels_last(graph: fx.Graph, conv: fx.Node, copies: dict[fx.Node, fx.Node]) -> None:

@@ -325,7 +325,8 @@ class Partitioner:
             if self.options.channels_last:  # layouts first, so the forward and the backward agree on them
                 start = time.perf_counter()
                 joint, layout_report = conv_layout.run(joint_module, ctx)  # works on a copy
-                records.append(PassRecord("conv_layout", joint_module, joint, time.perf_counter() - start, layout_report))
+                seconds = time.perf_counter() - start
+                records.append(PassRecord("conv_layout", joint_module, joint, seconds, layout_report))
             start = time.perf_counter()
             fw, bw, report = run(
                 joint,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -92,15 +93,10 @@ def test_plain_cpus_keep_their_layouts():
     assert skipped == {"convolutions on cpu do not prefer channels-last"}
 
 
-def test_cnn_training_lays_out_the_joint_graph_and_matches_eager(monkeypatch):
-    """Forward and backward agree on the saved activations' layouts; gradients keep eager's strides."""
-    import copy
-
-    monkeypatch.setattr(conv_layout, "device_spec", lambda device: CHANNELS_LAST_SPEC)
-    torch.manual_seed(0)
-    model = SmallResNet()
+def _train_like_eager(model, x):
+    """One training step through graphopt and in eager from the same weights: outputs, gradients
+    (values and strides) and buffers must agree. Returns the graphs graphopt compiled."""
     reference = copy.deepcopy(model)
-    x = torch.randn(2, 3, 16, 16)
     with events.capture() as graphs:
         out = torch.compile(model, backend="graphopt")(x)
         out.square().sum().backward()
@@ -112,12 +108,21 @@ def test_cnn_training_lays_out_the_joint_graph_and_matches_eager(monkeypatch):
         assert p.grad.stride() == q.grad.stride(), name
     for b, c in zip(model.buffers(), reference.buffers()):  # batch-norm running statistics
         torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
+    return graphs
+
+
+def test_cnn_training_lays_out_the_joint_graph_and_matches_eager(monkeypatch):
+    """Forward and backward agree on the saved activations' layouts; gradients keep eager's strides."""
+    monkeypatch.setattr(conv_layout, "device_spec", lambda device: CHANNELS_LAST_SPEC)
+    torch.manual_seed(0)
+    graphs = _train_like_eager(SmallResNet(), torch.randn(2, 3, 16, 16))
     reports = {(g.kind, r.report.skipped) for g in graphs for r in g.records if r.name == "conv_layout"}
-    assert (("forward", None)) in reports, "the joint graph was laid out (reported with the forward)"
+    assert ("forward", None) in reports, "the joint graph was laid out (reported with the forward)"
     joint_report = next(r.report for g in graphs for r in g.records if r.name == "conv_layout" and not r.report.skipped)
     assert len(joint_report.channels_last_convolutions) == 6, "3 forward and 3 backward convolutions"
     backward = next(g for g in graphs if g.kind == "backward")
-    conv_inputs = [n.args[1].meta["val"] for n in backward.output_gm.graph.nodes if "convolution_backward" in str(n.target)]
+    conv_backwards = [n for n in backward.output_gm.graph.nodes if n.target == torch.ops.aten.convolution_backward.default]
+    conv_inputs = [n.args[1].meta["val"] for n in conv_backwards]
     assert conv_inputs and all(v.is_contiguous(memory_format=torch.channels_last) for v in conv_inputs)
 
 
@@ -135,25 +140,16 @@ class PatchEmbedding(nn.Module):
 
 
 def test_patch_embedding_views_work_channels_last_in_training_and_inference(monkeypatch):
-    import copy
-
     monkeypatch.setattr(conv_layout, "device_spec", lambda device: CHANNELS_LAST_SPEC)
     torch.manual_seed(0)
     model = PatchEmbedding()
-    reference = copy.deepcopy(model)
     x = torch.randn(2, 3, 16, 16)
-    with events.capture() as graphs:
-        out = torch.compile(model, backend="graphopt")(x)
-        out.square().sum().backward()
-        with torch.no_grad():
-            inferred = torch.compile(model, backend="graphopt")(x)
-    expected = reference(x)
-    expected.square().sum().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(inferred, expected.detach(), rtol=1e-4, atol=1e-5)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
-    laid_out = {g.kind for g in graphs for r in g.records if r.name == "conv_layout" and not r.report.skipped}
+    graphs = _train_like_eager(model, x)
+    with events.capture() as inference_graphs, torch.no_grad():
+        inferred = torch.compile(model, backend="graphopt")(x)
+        torch.testing.assert_close(inferred, model(x), rtol=1e-4, atol=1e-5)
+    records = [(g.kind, r) for g in graphs + inference_graphs for r in g.records if r.name == "conv_layout"]
+    laid_out = {kind for kind, r in records if not r.report.skipped}
     assert laid_out == {"forward", "inference"}
 
 

@@ -65,7 +65,8 @@ def test_padded_product_equals_original(case, dtype):
 
 
 def test_aligned_products_are_left_alone():
-    gm, padded = _pad(lambda a, b: a @ b, torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(32, 64, dtype=torch.bfloat16))
+    a, b = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(32, 64, dtype=torch.bfloat16)
+    gm, padded = _pad(lambda a, b: a @ b, a, b)
     assert padded == [] and aten.constant_pad_nd.default not in _targets(gm)
 
 
