@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphopt import events
+from graphopt.cost_model.roofline import CPU_SPEC
 from graphopt.options import Options
+from graphopt.passes import conv_layout, pad_matmul
 
 transformers = pytest.importorskip("transformers")
 
@@ -250,3 +252,21 @@ def test_training_step_matches_eager(arch: Arch, options: dict[str, Any]):
 @pytest.mark.parametrize("name", sorted(CUDA_ONLY_OPTIONS & {f.name for f in dataclasses.fields(Options)}))
 def test_cuda_only_options_change_nothing_on_the_cpu(name):
     _assert_step_matches(ARCHS[0], {name: True})
+
+
+# A device on which the CUDA-only rewrites act: every misaligned matrix product is worth padding
+# (passes/pad_matmul.py) and convolutions run channels-last (passes/conv_layout.py).
+CUDA_LIKE_SPEC = dataclasses.replace(
+    CPU_SPEC,
+    matmul_flops_per_s=1.0,
+    fp32_matmul_flops_per_s=1.0,
+    misaligned_matmul_slowdown=4.0,
+    channels_last_convolutions=True,
+)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.name)
+def test_cuda_only_rewrites_forced_on_the_cpu_keep_every_architecture_exact(arch: Arch, monkeypatch):
+    monkeypatch.setattr(pad_matmul, "device_spec", lambda device: CUDA_LIKE_SPEC)
+    monkeypatch.setattr(conv_layout, "device_spec", lambda device: CUDA_LIKE_SPEC)
+    _assert_step_matches(arch, {})
