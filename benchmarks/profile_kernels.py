@@ -21,11 +21,12 @@ import cProfile
 import json
 import pathlib
 import pstats
+import statistics
 from typing import Any
 
 import torch
 
-from benchmarks import backends
+from benchmarks import backends, timing
 from benchmarks.measure import _step_function
 from benchmarks.models import get_model
 from benchmarks.rows import Row
@@ -37,14 +38,13 @@ def _kernel_events(prof: torch.profiler.profile) -> list[Any]:
     return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def _host_profile(step: Any, top: int) -> list[dict[str, Any]]:
+def _host_profile(step: Any, top: int, device: torch.device) -> list[dict[str, Any]]:
     """The `top` functions by own host time per step (cProfile over _PROFILED_STEPS steps)."""
     profiler = cProfile.Profile()
     profiler.enable()
     for i in range(_PROFILED_STEPS):
         step(i)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    timing.synchronize(device)
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive calls, own s, total s, callers)
     ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
@@ -69,14 +69,7 @@ def profile_row(row: Row, device: torch.device, top: int, host: bool = False) ->
     with backends.compile_config(row):
         for i in range(4):
             step(i)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(10):
-        step(i)
-    end.record()
-    torch.cuda.synchronize()
-    step_ms = start.elapsed_time(end) / 10
+    step_ms = statistics.median(timing.time_steps(step, 4, 10, device))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(_PROFILED_STEPS):
             step(i)
@@ -87,7 +80,7 @@ def profile_row(row: Row, device: torch.device, top: int, host: bool = False) ->
         totals[event.name] += event.time_range.elapsed_us() / 1000
         counts[event.name] += 1
     kernels = sorted(totals, key=totals.get, reverse=True)[:top]
-    host_top = _host_profile(step, top) if host else []
+    host_top = _host_profile(step, top, device) if host else []
     return {
         "key": row.key,
         "step_ms": step_ms,

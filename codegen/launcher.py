@@ -93,7 +93,7 @@ class FusedKernel:
             launch = self._launch_plans[key] = self._plan_launch(args, xnumel, rnumel)
         launch(*args, xnumel, rnumel)
 
-    def _plan_launch(self, args: tuple[Any, ...], xnumel: int, rnumel: int) -> Any:
+    def _plan_launch(self, args: tuple[Any, ...], xnumel: int, rnumel: int) -> _Launch:
         """The kernel variant, grid and block sizes for these sizes (cached by _run per sizes and
         per what Triton specializes the arguments on)."""
         index64 = xnumel * rnumel >= _INT32_LIMIT or any(

@@ -190,6 +190,5 @@ def _boxed(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of `gm` whose forward takes its inputs as one list and clears it."""
     boxed = copy_graph_module(gm)
     boxed.graph.set_codegen(fx.graph._BoxedCodeGen())
-    boxed.recompile()
-    _LazyGraphModule.force_recompile(boxed)  # its forward is called directly, without the lazy check
+    _LazyGraphModule.force_recompile(boxed)  # code now: its forward is called directly, without the lazy check
     return boxed

@@ -126,11 +126,10 @@ def _pad_bias(graph: fx.Graph, bias: fx.Node, plan: _Plan) -> fx.Node:
     val = bias.meta["val"]
     cols = plan.pad_n if val.dim() >= 1 and val.shape[-1] == plan.n and plan.n != 1 else 0
     rows = plan.pad_m if val.dim() == 2 and val.shape[0] == plan.m and plan.m != 1 else 0
-    if rows:
-        return _pad(graph, bias, rows, cols)
-    if cols:
-        return call_with_meta(graph, aten.constant_pad_nd.default, bias, [0, cols], 0.0)
-    return bias
+    if rows == cols == 0:
+        return bias
+    pads = [0, cols, 0, rows] if rows else [0, cols]  # constant_pad_nd pads from the last dim backwards
+    return call_with_meta(graph, aten.constant_pad_nd.default, bias, pads, 0.0)
 
 
 def _rewrite(graph: fx.Graph, node: fx.Node, plan: _Plan) -> fx.Node:

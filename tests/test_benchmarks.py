@@ -248,7 +248,7 @@ def test_host_profile_ranks_functions_by_their_own_time_per_step():
     def step(i):
         slow_helper()
 
-    top = _host_profile(step, 5)
+    top = _host_profile(step, 5, torch.device("cpu"))
     assert any("slow_helper" in row["function"] or "genexpr" in row["function"] for row in top[:2])
     assert all(row["own_us_per_step"] >= 0 for row in top)
     assert max(row["calls_per_step"] for row in top if "slow_helper" in row["function"]) == 1
