@@ -6,7 +6,9 @@ how the fusion pass learns that a candidate group is illegal). `render` writes
 the kernel.
 
 Iteration space. A pointwise kernel walks its outputs' shape with one linear
-index `xindex` (contiguous 1-D blocks, so loads and stores vectorize). A
+index `xindex` (contiguous 1-D blocks, so loads and stores vectorize), in the
+memory order of its first output: a channels-last output is walked channels
+innermost, so consecutive threads touch consecutive addresses. A
 reduction kernel walks its reductions' input shape split into kept dims
 (`xindex`, rows) and reduced dims (`rindex`), with 2-D [XBLOCK, RBLOCK] blocks.
 Values are computed where they are needed: a node is evaluated at an index,
@@ -101,10 +103,15 @@ def is_scalar_node(node: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
-    """The iteration space: `shape`, of which `reduced` dims are walked by rindex (none: pointwise)."""
+    """The iteration space: `shape`, of which `reduced` dims are walked by rindex (none: pointwise).
+
+    `order` lists the dims from outermost to innermost as the linear indices walk them (None:
+    row-major), so that the innermost walked dim is the one contiguous in memory.
+    """
 
     shape: Index
     reduced: tuple[int, ...]
+    order: tuple[int, ...] | None = None
 
     @property
     def is_reduction(self) -> bool:
@@ -126,10 +133,14 @@ class Domain:
     def rnumel(self) -> sympy.Expr:
         return product(self.r_shape)
 
+    def _walk(self, linear: sympy.Symbol, reduced: bool) -> dict[int, sympy.Expr]:
+        """Each kept (or reduced) dim's index as a function of the linear index that walks them."""
+        dims = [d for d in (self.order or range(len(self.shape))) if (d in self.reduced) == reduced]
+        return dict(zip(dims, delinearize(linear, [self.shape[d] for d in dims])))
+
     def full_index(self) -> Index:
-        xs = iter(delinearize(XINDEX, self.x_shape))
-        rs = iter(delinearize(RINDEX, self.r_shape))
-        return tuple(next(rs) if d in self.reduced else next(xs) for d in range(len(self.shape)))
+        at = {**self._walk(XINDEX, False), **self._walk(RINDEX, True)}
+        return tuple(at[d] for d in range(len(self.shape)))
 
     def row_shape(self, keepdim: bool) -> Index:
         if keepdim:
@@ -137,11 +148,26 @@ class Domain:
         return self.x_shape
 
     def row_index(self, keepdim: bool) -> Index:
-        xs = delinearize(XINDEX, self.x_shape)
-        if not keepdim:
-            return xs
-        it = iter(xs)
-        return tuple(sympy.Integer(0) if d in self.reduced else next(it) for d in range(len(self.shape)))
+        at = self._walk(XINDEX, False)
+        if keepdim:
+            return tuple(sympy.Integer(0) if d in self.reduced else at[d] for d in range(len(self.shape)))
+        return tuple(at[d] for d in range(len(self.shape)) if d not in self.reduced)
+
+
+def memory_order(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims of `node`'s dense, statically strided tensor from outermost to innermost in
+    memory; None when that is row-major or cannot be known at compile time (symbolic strides)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or any(not isinstance(v, int) for v in (*val.shape, *val.stride())):
+        return None
+    order = tuple(sorted(range(val.dim()), key=lambda d: (-val.stride(d), d)))
+    expected = 1
+    for d in reversed(order):  # dense: each dim's stride is the product of the sizes inside it
+        if val.shape[d] != 1:
+            if val.stride(d) != expected:
+                return None
+            expected *= val.shape[d]
+    return None if order == tuple(range(val.dim())) else order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +232,7 @@ def analyze(name: str, nodes: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> 
             if not same_shape(other.shape, domain.shape) or other.reduced != domain.reduced:
                 raise CannotGenerate("reductions over different iteration spaces", r)
     else:
-        domain = Domain(shape_of(outputs[0]), ())
+        domain = Domain(shape_of(outputs[0]), (), memory_order(outputs[0]))
     roles, keepdims = [], []
     for out in outputs:
         if node_kind(out) == "view":

@@ -93,6 +93,24 @@ def _channels_last(val: torch.Tensor) -> bool:
     return val.is_contiguous(memory_format=torch.channels_last)
 
 
+# Inductor's layout-optimization rules (torch/_inductor/graph.py decide_layout_opt), measured on an
+# H200 here too: a graph with a single convolution among hundreds of nodes (ViT's patch embedding:
+# 0.63x of the row-major run in inference) pays more for the layout copies than it gains, and
+# grouped convolutions run many times slower channels-last.
+_NODES_PER_CONVOLUTION_AT_MOST = 300
+
+
+def _unprofitable(gm: fx.GraphModule, convs: list[fx.Node]) -> str | None:
+    """Why channels-last would not pay for this graph's convolutions; None when it would."""
+    nodes = len(gm.graph.nodes)
+    if nodes >= _NODES_PER_CONVOLUTION_AT_MOST * len(convs):
+        return f"only {len(convs)} convolution(s) among {nodes} nodes: the layout copies would cost more than they save"
+    grouped = [c.name for c in convs if c.target == aten.convolution.default and c.args[8] > 1]
+    if grouped:
+        return f"grouped convolutions ({', '.join(grouped[:3])}) run slower channels-last"
+    return None
+
+
 def _static(gm: fx.GraphModule) -> bool:
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     sizes = [s for v in vals if isinstance(v, torch.Tensor) for s in v.shape]
@@ -169,8 +187,11 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, ConvLayou
         return skip(f"convolutions on {ctx.device.type} do not prefer channels-last")
     if ctx.kind in ("forward", "backward"):
         return skip("laid out as the joint graph, before the partition")
-    if not any(_is_conv2d(n) for n in gm.graph.nodes):
+    convs = [n for n in gm.graph.nodes if _is_conv2d(n)]
+    if not convs:
         return skip("no 2-D convolutions")
+    if reason := _unprofitable(gm, convs):
+        return skip(reason)
     if not _static(gm):
         return skip("dynamic shapes")
     try:  # on a copy: a failure leaves `gm` as it was

@@ -25,6 +25,24 @@ def test_outputs_have_the_layout_the_graph_promised():
     torch.testing.assert_close(result, fn(x))
 
 
+def test_channels_last_kernels_walk_memory_in_order():
+    """A channels-last output is walked channels innermost: loads and stores at plain xindex
+    (coalesced), not at a stride of C; mixed layouts and broadcast operands still match eager."""
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    scale = torch.randn(1, 3, 1, 1)
+    nchw = torch.randn(2, 3, 4, 5)
+
+    def fn(x, scale, nchw):
+        return aten.add.Tensor(aten.relu.default(aten.mul.Tensor(x, scale)), nchw)
+
+    result, calls = run_fused(fn, x, scale, nchw)
+    expected = fn(x, scale, nchw)
+    assert result.stride() == expected.stride() == x.stride()
+    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+    source = calls[0].primary.triton_source
+    assert "tl.load(in_ptr0 + xindex," in source and "tl.store(out_ptr0 + xindex," in source, source
+
+
 def test_inputs_with_other_strides_than_traced_are_relaid_out():
     """Meta said contiguous; a strided tensor arriving at run time is copied to that layout first."""
     x = torch.randn(6, 8)

@@ -167,3 +167,32 @@ def test_a_failed_layout_propagation_keeps_the_graph_as_it_was(monkeypatch):
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
     (report,) = reports
     assert report.skipped.startswith("layouts could not be propagated: RuntimeError: deliberately broken")
+
+
+class OneConvDeepStack(nn.Module):
+    """A single convolution before hundreds of other ops, as in ViT (one patch embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        for i in range(160):
+            x = torch.tanh(x * (1.0 + i / 1000))
+        return x
+
+
+def test_layouts_stay_where_channels_last_would_not_pay(monkeypatch):
+    """Few convolutions in a large graph, or grouped convolutions: skipped, with the reason."""
+    torch.manual_seed(0)
+    grouped = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    for model, x, reason in [
+        (OneConvDeepStack(), torch.randn(2, 3, 8, 8), "only 1 convolution(s) among"),
+        (grouped, torch.randn(2, 8, 8, 8), "grouped convolutions"),
+    ]:
+        out, reports = _compile_and_run(model, x, monkeypatch)
+        with torch.no_grad():
+            torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+        (report,) = reports
+        assert report.skipped and report.skipped.startswith(reason), report.skipped
