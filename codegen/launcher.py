@@ -47,6 +47,18 @@ def relayout(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
+def allocator(device: torch.device) -> Any:
+    """How outputs on `device` are allocated: (shape, stride, dtype) -> tensor. Inductor's direct
+    allocators skip torch.empty_strided's argument parsing, about half the host cost of every
+    kernel call's allocation; the CUDA one allocates on the current device, which
+    runtime.CompiledGraph sets to the graph's."""
+    if device.type == "cuda":
+        return torch._C._dynamo.guards._empty_strided_cuda
+    if device.type == "cpu":
+        return torch._C._dynamo.guards._empty_strided_cpu
+    return lambda shape, stride, dtype: torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+
 def describe_node(node: Any) -> str:
     args = ", ".join(str(a) for a in node.args)
     return f"{node.name} = {node.target}({args})"
@@ -62,7 +74,7 @@ class FusedKernel:
         self.original_nodes = tuple(describe_node(n) for n in spec.nodes)
         self.inner_reduction = spec.domain.is_reduction and spec.inner
         self.launcher_source = _launcher_source(spec)
-        namespace = {"torch": torch, "relayout": relayout, "run": self._run}
+        namespace = {"torch": torch, "relayout": relayout, "run": self._run, "empty": allocator(_device(spec))}
         exec(compile(self.launcher_source, f"<graphopt launcher {self.name}>", "exec"), namespace)
         self._launch = namespace["launch"]
         self._variants: dict[tuple[bool, bool], Any] = {}
@@ -125,9 +137,11 @@ def _specialization(arg: Any) -> Any:
 
 
 def _launch_hooks_installed() -> bool:
-    """Whether a Triton launch hook (a HookChain with hooks, or a plain callable) wants every launch."""
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+    """Whether a Triton launch hook (a HookChain with hooks, or a plain callable) wants every launch.
+    Asked on every launch, so written out (a generator here cost ~1 us per launch on the H200 host)."""
+    runtime = knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool((enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True)))
 
 
 class _Launch:
@@ -216,17 +230,19 @@ def _launcher_source(spec: KernelSpec) -> str:
             lines.append(f"    {names[node]} = relayout({names[node]}, {_tuple(strides_of(node))})")
     outs = []
     for i, node in enumerate(spec.outputs):
-        val = node.meta["val"]
-        lines.append(
-            f"    o{i} = torch.empty_strided({_tuple(shape_of(node))}, {_tuple(strides_of(node))}, "
-            f"dtype={val.dtype}, device=torch.device({str(val.device)!r}))"
-        )
+        lines.append(f"    o{i} = empty({_tuple(shape_of(node))}, {_tuple(strides_of(node))}, {node.meta['val'].dtype})")
         outs.append(f"o{i}")
     kernel_args = [names[n] for n in spec.tensor_inputs] + outs + [names[n] for n in spec.scalar_inputs]
     kernel_args += [str(s) for s in spec.symbols]
     lines.append(f"    run({_tuple_names(kernel_args)}, {print_index(spec.domain.xnumel)}, {print_index(spec.domain.rnumel)})")
     lines.append(f"    return {outs[0]}" if len(outs) == 1 else f"    return {_tuple_names(outs)}")
     return "\n".join(lines) + "\n"
+
+
+def _device(spec: KernelSpec) -> torch.device:
+    """The device of the kernel's outputs (one kernel runs on one device)."""
+    (device,) = {node.meta["val"].device for node in spec.outputs}
+    return device
 
 
 def _tuple_names(names: list[str]) -> str:

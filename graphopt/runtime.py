@@ -166,6 +166,9 @@ class CompiledGraph:
     which takes the list and drops every value (inputs too) right after its last use.
     The flag is an instance attribute because Dynamo's `disable` wrapper around the
     backward copies the instance `__dict__` (functools.wraps), not class attributes.
+
+    A graph on a CUDA device runs with that device current, as generated kernels allocate
+    their outputs on, and launch to, the current device (codegen/launcher.py).
     """
 
     def __init__(self, gm: fx.GraphModule, name: str, cuda_graphs: bool = False):
@@ -173,17 +176,33 @@ class CompiledGraph:
         self.gm = gm
         self.name = name
         self._boxed_forward = _boxed(gm).forward
+        self.cuda_device = _cuda_device(gm)
         self.cuda_graph: CudaGraphRunner | None = None
         if cuda_graphs:
             dynamic = any(_is_symbolic(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
             self.cuda_graph = CudaGraphRunner(gm.forward, name, dynamic)
 
     def __call__(self, args: list[Any]) -> Any:
+        if self.cuda_device is None:
+            return self._run(args)
+        with torch.cuda.device(self.cuda_device):
+            return self._run(args)
+
+    def _run(self, args: list[Any]) -> Any:
         if self.cuda_graph is not None:
             inputs = list(args)
             args.clear()
             return self.cuda_graph(inputs)
         return self._boxed_forward(args)
+
+
+def _cuda_device(gm: fx.GraphModule) -> torch.device | None:
+    """The CUDA device the graph's tensors live on, if any."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.device.type == "cuda":
+            return val.device
+    return None
 
 
 def _boxed(gm: fx.GraphModule) -> fx.GraphModule:
