@@ -58,9 +58,8 @@ from graphopt.codegen.indexing import (
 aten = torch.ops.aten
 
 
-# The jit function's name in every source: identical groups (say, the same layer norm in every
-# transformer block) render identical sources and share one compiled kernel.
-KERNEL_NAME = "kernel"
+# How many op names a kernel's name lists (the rest are summarized by the count of its nodes).
+_NAMED_OPS = 5
 
 
 # Triton's interpreter has no libdevice; under it kernels use numpy-backed stand-ins.
@@ -188,6 +187,16 @@ class KernelSpec:
     keepdims: tuple[bool, ...]
     symbols: tuple[sympy.Symbol, ...]
     inner: bool = True
+
+    @property
+    def kernel_name(self) -> str:
+        """The jit function's name: its kind and ops, as profilers show it (`graphopt_red_native_layer_norm_add`).
+        Made of the group's contents only, so identical groups (the same layer norm in every
+        transformer block) render identical sources and share one compiled kernel."""
+        computing = (n for n in self.nodes if node_kind(n) != "view")
+        ops = list(dict.fromkeys(getattr(n.target, "_opname", n.target.__name__) for n in computing))
+        kind = "red" if self.domain.is_reduction else "poi"
+        return "_".join(["graphopt", kind, *ops[:_NAMED_OPS]])
 
     @property
     def tensor_inputs(self) -> list[fx.Node]:
@@ -638,7 +647,7 @@ class _Emitter:
             "",
             "",
             "@triton.jit",
-            f"def {KERNEL_NAME}({', '.join(params)}):",
+            f"def {spec.kernel_name}({', '.join(params)}):",
             *head,
             *self.body,
             "",

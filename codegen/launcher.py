@@ -22,7 +22,7 @@ from triton import knobs
 
 from graphopt.codegen import compiler, heuristics
 from graphopt.codegen.indexing import print_index, shape_of, strides_of
-from graphopt.codegen.kernel import KERNEL_NAME, KernelSpec, is_scalar_node, render
+from graphopt.codegen.kernel import KernelSpec, is_scalar_node, render
 
 _INT32_LIMIT = 2**31
 
@@ -92,7 +92,7 @@ class FusedKernel:
         key = (persistent, index64)
         fn = self._variants.get(key)
         if fn is None:
-            fn = self._variants[key] = compiler.load_kernel(self.source(persistent, index64), KERNEL_NAME)
+            fn = self._variants[key] = compiler.load_kernel(self.source(persistent, index64), self.spec.kernel_name)
         return fn
 
     def _run(self, args: tuple[Any, ...], xnumel: int, rnumel: int) -> None:
