@@ -48,12 +48,19 @@ def pointwise_config(xnumel: int) -> LaunchConfig:
     return LaunchConfig(False, xblock, 1, num_warps)
 
 
+def _column_xblock(xnumel: int) -> int:
+    """Columns per block of a looped reduction across rows: 16+ adjacent columns (a 32-byte sector
+    of bf16), up to 64 while that still leaves 256 blocks or more (two per SM of an H100)."""
+    xblock = max(1, min(64, _pow2(xnumel) // 256, _pow2(xnumel)))
+    return max(xblock, min(COLUMN_BLOCK, _pow2(xnumel)))
+
+
 def split_reduction_factor(xnumel: int, rnumel: int, inner: bool) -> int:
     """Into how many chunks to cut each reduced row so that a reduction with few, long rows
     (a full sum, a bias gradient) runs on enough blocks: 1 = no split. The chunk count must
     divide rnumel; the partial results are reduced again by a second, small kernel.
     `inner`: rows are contiguous; otherwise a block covers COLUMN_BLOCK adjacent columns."""
-    blocks = xnumel if inner else max(1, xnumel // COLUMN_BLOCK)
+    blocks = xnumel if inner else -(-xnumel // _column_xblock(xnumel))
     if rnumel < (SPLIT_MIN_REDUCED if inner else SPLIT_MIN_REDUCED_COLUMNS) or blocks > SPLIT_MAX_BLOCKS:
         return 1
     factor = 1
@@ -72,9 +79,7 @@ def reduction_config(xnumel: int, rnumel: int, inner: bool) -> LaunchConfig:
     elif inner:
         xblock, rblock, persistent = 1, 2048, False
     else:
-        # columns: 16+ adjacent columns per block (a 32-byte sector of bf16), and enough blocks to fill the GPU
-        xblock = max(1, min(64, _pow2(xnumel) // 64, _pow2(xnumel)))
-        xblock = max(xblock, min(COLUMN_BLOCK, _pow2(xnumel)))
+        xblock = _column_xblock(xnumel)
         rblock, persistent = min(256, REDUCTION_BLOCK_ELEMENTS // xblock), False
     num_warps = max(1, min(16, (xblock * rblock) // 256))
     return LaunchConfig(persistent, xblock, rblock, num_warps)
