@@ -160,22 +160,29 @@ def _reshape_groups(in_shape: Index, out_shape: Index) -> list[tuple[list[int], 
     return groups
 
 
-def _reshape(node: fx.Node, index: Index) -> Index:
-    in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
-    groups = _reshape_groups(in_shape, out_shape)
+def reshape_index(index: Index, shape: Index, target: Index) -> Index:
+    """The index in `target` of the element at `index` in `shape`, elements taken in row-major
+    order (what a reshape maps); dims are matched group by group, so the result stays simple."""
+    if same_shape(shape, target):
+        return tuple(index)
+    groups = _reshape_groups(target, shape)
     if groups is None:
-        return delinearize(linearize(index, out_shape), in_shape)
+        return delinearize(simplify_index(linearize(index, shape)), target)
     result: list[sympy.Expr] = []
-    for in_dims, out_dims in groups:
-        if not out_dims:
-            result.extend(sympy.Integer(0) for _ in in_dims)
+    for target_dims, dims in groups:
+        if not dims:
+            result.extend(sympy.Integer(0) for _ in target_dims)
             continue
-        linear = linearize([index[d] for d in out_dims], [out_shape[d] for d in out_dims])
-        if len(in_dims) == 1:
+        linear = simplify_index(linearize([index[d] for d in dims], [shape[d] for d in dims]))
+        if len(target_dims) == 1:
             result.append(linear)
         else:
-            result.extend(delinearize(linear, [in_shape[d] for d in in_dims]))
+            result.extend(delinearize(linear, [target[d] for d in target_dims]))
     return tuple(result)
+
+
+def _reshape(node: fx.Node, index: Index) -> Index:
+    return reshape_index(index, shape_of(node), shape_of(node.args[0]))
 
 
 def _expand(node: fx.Node, index: Index) -> Index:

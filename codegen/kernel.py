@@ -49,6 +49,8 @@ from graphopt.codegen.indexing import (
     offset,
     print_index,
     product,
+    reshape_index,
+    same,
     same_shape,
     shape_of,
     simplify_index,
@@ -174,8 +176,9 @@ class KernelSpec:
     """A generatable group: its nodes (topological), external inputs, outputs and iteration space.
 
     `roles[i]` says where output i lives: "full" (the whole domain) or "row" (one value per
-    row of a reduction; `keepdims[i]` tells which row shape). `symbols` are the size symbols
-    the kernel takes as arguments.
+    row of a reduction; `keepdims[i]` tells which row shape). An output of another shape with
+    as many elements (a layer norm's result viewed as a matrix for the next matmul) takes the
+    same elements in row-major order. `symbols` are the size symbols the kernel takes as arguments.
     """
 
     name: str
@@ -256,6 +259,12 @@ def analyze(name: str, nodes: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> 
         elif domain.is_reduction and same_shape(shape, domain.row_shape(False)):
             roles.append("row")
             keepdims.append(False)
+        elif domain.order is None and same(product(shape), product(domain.shape)):
+            roles.append("full")  # a reshape of the domain: stored at the same elements (reshape_index)
+            keepdims.append(True)
+        elif domain.is_reduction and same(product(shape), domain.xnumel):
+            roles.append("row")  # a reshape of the rows
+            keepdims.append(True)
         else:
             raise CannotGenerate("output shape does not match the kernel's iteration space", out)
     spec = KernelSpec(name, tuple(nodes), tuple(inputs), tuple(outputs), domain, tuple(roles), tuple(keepdims), ())
@@ -559,9 +568,12 @@ class _Emitter:
 
     # ------------------------------------------------------------ structure
     def store(self, position: int, out: fx.Node, level: int) -> None:
-        index = self.spec.domain.full_index() if level == 2 else self.spec.domain.row_index(self.spec.keepdims[position])
-        if not self.reduction:
-            index = self.spec.domain.full_index()
+        domain = self.spec.domain
+        if level == 2 or not self.reduction:
+            index = reshape_index(domain.full_index(), domain.shape, shape_of(out))
+        else:
+            keepdim = self.spec.keepdims[position]
+            index = reshape_index(domain.row_index(keepdim), domain.row_shape(keepdim), shape_of(out))
         v = self.value(out, index)
         val = out.meta["val"]
         off = simplify_index(offset(index, strides_of(out), shape_of(out)))

@@ -147,6 +147,26 @@ def test_bias_gradients_of_transformer_widths_fill_the_gpu(columns):
     assert columns * factor // config.xblock >= 132
 
 
+def test_a_reshaped_cast_of_a_layer_norm_is_stored_by_the_layer_norm_kernel():
+    """GPT-2's pattern: layer norm in fp32, viewed as [tokens, dim] and cast to bf16 for the next
+    matmul. The cast's output has another shape than the kernel's domain, same elements."""
+    x, w, b = torch.randn(2, 8, 32), torch.randn(32), torch.randn(32)
+
+    def fn(x, w, b):
+        residual = aten.add.Tensor(x, 1.0)
+        centered = aten.sub.Tensor(residual, aten.mean.dim(residual, [-1], True))
+        variance = aten.mean.dim(aten.mul.Tensor(centered, centered), [-1], True)
+        normed = aten.add.Tensor(aten.mul.Tensor(aten.mul.Tensor(centered, aten.rsqrt.default(variance)), w), b)
+        flat = aten.view.default(normed, [16, 32])
+        return residual, torch.ops.prims.convert_element_type.default(flat, torch.bfloat16)
+
+    gm, report = fuse(fn, x, w, b)
+    assert len(report.groups) == 1, [g.nodes for g in report.groups]
+    for got, expected in zip(gm(x, w, b), fn(x, w, b), strict=True):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_siblings_reading_one_input_share_a_kernel():
     x = torch.randn(7, 9)
 
