@@ -114,11 +114,53 @@ def _worth_it(plan: _Plan, a: torch.Tensor, b: torch.Tensor, spec: DeviceSpec) -
     return saved_s > cost_s
 
 
-def _pad(graph: fx.Graph, node: fx.Node, rows: int, cols: int) -> fx.Node:
-    """`node` with `rows` zero rows and `cols` zero columns appended (last two dims)."""
-    if rows == cols == 0:
-        return node
-    return call_with_meta(graph, aten.constant_pad_nd.default, node, [0, cols, 0, rows], 0.0)
+_TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
+
+
+def _transposed_source(node: fx.Node) -> fx.Node | None:
+    """X when `node` is X with its last two dims swapped (t, transpose, permute), else None."""
+    if node.op != "call_function" or node.target not in _TRANSPOSES:
+        return None
+    rank = node.meta["val"].dim()
+    if node.target == aten.t.default:
+        swapped = rank == 2
+    elif node.target == aten.transpose.int:
+        swapped = sorted(d % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
+    else:
+        swapped = [d % rank for d in node.args[1]] == [*range(rank - 2), rank - 1, rank - 2]
+    return node.args[0] if swapped else None
+
+
+class _Pads:
+    """Zero-padded copies of operands, one per (tensor, padding): a backward that multiplies the
+    same gradient twice (GPT-2's LM head: grad @ W and grad^T @ x) pads it once.
+
+    A column-major operand (a transposed row-major tensor) is padded through its row-major
+    source and transposed back: the copy reads and writes memory in order, and the padded
+    buffer is the same as a row-major use of that source needs."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.made: dict[tuple[fx.Node, tuple[int, ...]], fx.Node] = {}
+
+    def pad(self, node: fx.Node, rows: int, cols: int) -> fx.Node:
+        """`node` with `rows` zero rows and `cols` zero columns appended (last two dims)."""
+        if rows == cols == 0:
+            return node
+        val = node.meta["val"]
+        if val.stride()[-2] == 1 and val.stride()[-1] != 1:  # column-major
+            source = _transposed_source(node)
+            if source is None:
+                source = call_with_meta(self.graph, aten.transpose.int, node, -2, -1)
+            padded = self._constant_pad(source, [0, rows, 0, cols] if cols else [0, rows])
+            return call_with_meta(self.graph, aten.transpose.int, padded, -2, -1)
+        return self._constant_pad(node, [0, cols, 0, rows] if rows else [0, cols])
+
+    def _constant_pad(self, node: fx.Node, pads: list[int]) -> fx.Node:
+        key = (node, tuple(pads))
+        if key not in self.made:
+            self.made[key] = call_with_meta(self.graph, aten.constant_pad_nd.default, node, pads, 0.0)
+        return self.made[key]
 
 
 def _pad_bias(graph: fx.Graph, bias: fx.Node, plan: _Plan) -> fx.Node:
@@ -132,15 +174,15 @@ def _pad_bias(graph: fx.Graph, bias: fx.Node, plan: _Plan) -> fx.Node:
     return call_with_meta(graph, aten.constant_pad_nd.default, bias, pads, 0.0)
 
 
-def _rewrite(graph: fx.Graph, node: fx.Node, plan: _Plan) -> fx.Node:
+def _rewrite(graph: fx.Graph, node: fx.Node, plan: _Plan, pads: _Pads) -> fx.Node:
     """The padded product, sliced (and copied, if N was padded) back to the original's layout."""
     if node.target == aten.addmm.default:
         bias, a, b = node.args[:3]
     else:
         a, b = node.args[:2]
     with graph.inserting_before(node):
-        padded_a = _pad(graph, a, plan.pad_m, plan.pad_k)
-        padded_b = _pad(graph, b, plan.pad_k, plan.pad_n)
+        padded_a = pads.pad(a, plan.pad_m, plan.pad_k)
+        padded_b = pads.pad(b, plan.pad_k, plan.pad_n)
         if node.target == aten.addmm.default:
             product = call_with_meta(graph, aten.addmm.default, _pad_bias(graph, bias, plan), padded_a, padded_b)
         else:
@@ -176,6 +218,7 @@ def _candidate(node: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
 def pad_matmuls(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule, list[PaddedProduct]]:
     """Pad, in place, every matrix product of `gm` that is misaligned and worth padding on `spec`."""
     padded = []
+    pads = _Pads(gm.graph)
     for node in list(gm.graph.nodes):
         operands = _candidate(node)
         if operands is None:
@@ -184,7 +227,7 @@ def pad_matmuls(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule, l
         plan = _plan(a, b)
         if plan is None or not _worth_it(plan, a, b, spec):
             continue
-        replacement = _rewrite(gm.graph, node, plan)
+        replacement = _rewrite(gm.graph, node, plan, pads)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
         batch = tuple(a.shape[:-2])

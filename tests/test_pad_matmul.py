@@ -97,3 +97,7 @@ def test_lm_head_with_odd_vocabulary_trains_like_eager(monkeypatch):
         assert_training_matches_eager(model, batches, loss_fn, rtol=1e-4, atol=1e-5)
     padded = {g.kind: len(r.report.padded) for g in graphs for r in g.records if r.name == "pad_matmul"}
     assert padded == {"forward": 1, "backward": 2}, "the LM head's product and both of its gradients"
+    (backward,) = [g.output_gm for g in graphs if g.kind == "backward"]
+    pads = [n for n in backward.graph.nodes if n.target == aten.constant_pad_nd.default]
+    # grad @ W and grad^T @ h share one padded gradient; W has its own padded copy
+    assert sorted(len(n.users) for n in pads) == [1, 2], [n.format_node() for n in pads]
