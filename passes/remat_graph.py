@@ -282,6 +282,21 @@ def valid_plan(analysis: JointAnalysis, recompute: Collection[fx.Node]) -> Plan:
     return Plan(recomputed=frozenset(recomputed))
 
 
+def plan_saving(analysis: JointAnalysis, saved: Collection[str]) -> Plan:
+    """The plan of a partition that saves the nodes named `saved` (min-cut's choice):
+    the backward recomputes every other candidate it needs. A saved view keeps its
+    base's storage, so it counts as saving the base (views themselves are recomputed)."""
+    saved = set(saved)
+    kept: set[fx.Node] = set()
+    for node in analysis.candidates:
+        if node.name in saved:
+            kept.add(node)
+            while _is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+                node = node.args[0]
+                kept.add(node)
+    return valid_plan(analysis, [n for n in analysis.candidates if n not in kept])
+
+
 def save_everything_plan(analysis: JointAnalysis) -> Plan:
     """Save every value the backward reads (recomputing only what cannot be saved: views, tuples)."""
     return valid_plan(analysis, ())

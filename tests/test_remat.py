@@ -1,9 +1,14 @@
-"""The remat pass as a pure function on AOTAutograd joint graphs: plans, budgets, warnings, cache."""
+"""The remat pass as a pure function on AOTAutograd joint graphs: plans, budgets, warnings, cache,
+and min-cut's faster max-flow and seed, which must not change min-cut's choice."""
 
 from __future__ import annotations
 
+import gc
+import math
+import random
 import warnings
 
+import networkx
 import pytest
 import torch
 from functorch.compile import aot_function, nop
@@ -11,7 +16,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from graphopt.cache import open_cache
 from graphopt.options import Options, OptionsError
-from graphopt.passes import remat
+from graphopt.passes import min_cut, remat
 from graphopt.pipeline import PassContext, copy_graph_module
 
 
@@ -170,6 +175,64 @@ def test_attention_without_dropout_may_be_recomputed_but_dropout_may_not():
     (drop,) = [n for n in dropout.graph.nodes if n.target is torch.ops.aten.native_dropout.default]
     assert torch.Tag.nondeterministic_seeded in sdpa.target.tags and _recompute_ban(sdpa) is None
     assert _recompute_ban(drop) == "random"
+
+
+def _random_flow_graph(rng: random.Random) -> networkx.DiGraph:
+    """Small graphs shaped like min-cut's: integral capacities, some infinite (missing), unbounded ones too."""
+    graph = networkx.DiGraph()
+    nodes = ["source", "sink", *(f"n{i}" for i in range(rng.randint(2, 30)))]
+    graph.add_nodes_from(nodes)
+    for _ in range(rng.randint(1, 90)):
+        u, v = rng.sample(nodes, 2)
+        if rng.random() < 0.3:
+            graph.add_edge(u, v)
+        else:
+            graph.add_edge(u, v, capacity=rng.choice([0, 1, 2, 3, 5, 10.0, 10**6, math.inf]))
+    return graph
+
+
+def _cut_or_unbounded(minimum_cut, graph):
+    try:
+        return minimum_cut(graph, "source", "sink")
+    except networkx.NetworkXUnbounded:
+        return "unbounded"
+
+
+def test_or_tools_max_flow_finds_networkx_cut_node_for_node():
+    rng = random.Random(0)
+    results = []
+    for _ in range(300):
+        graph = _random_flow_graph(rng)
+        expected = _cut_or_unbounded(networkx.minimum_cut, graph)
+        assert _cut_or_unbounded(min_cut._minimum_cut, graph) == expected
+        results.append(expected)
+    assert "unbounded" in results and any(r != "unbounded" and r[0] > 0 for r in results)
+
+
+def test_min_cut_seed_saves_what_min_cuts_backward_reads(mlp_joint):
+    joint, n = mlp_joint
+    _, bw = min_cut.partition(joint, n, _weights(joint), None)
+    assert set(min_cut.saved_names(joint, n, _weights(joint), None)) == _backward_inputs(bw)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_partitioning_pauses_the_garbage_collector_and_restores_it(mlp_joint, monkeypatch, enabled):
+    seen, real_run = [], remat.run
+
+    def run(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(remat, "run", run)
+    joint, n = mlp_joint
+    (gc.enable if enabled else gc.disable)()
+    try:
+        remat.Partitioner(Options.parse({"memory_budget": 0.8}), lambda: "test_joint")(
+            copy_graph_module(joint), [], num_fwd_outputs=n
+        )
+        assert seen == [False] and gc.isenabled() == enabled
+    finally:
+        gc.enable()
 
 
 def test_a_failing_plan_falls_back_to_min_cut_with_one_warning(mlp_joint, monkeypatch):
