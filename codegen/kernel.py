@@ -93,7 +93,7 @@ def node_kind(node: fx.Node) -> str:
         return "cast"
     if target in lowerings.CONSTANTS:
         return "constant"
-    if target in lowerings.POINTWISE:
+    if target in lowerings.POINTWISE or target in lowerings.PADS:
         return "pointwise"
     return "extern"
 
@@ -411,6 +411,8 @@ class _Emitter:
             try:
                 if kind == "view":
                     result = self.value(node.args[0], VIEW_INDEX_MAPS[node.target](node, index))
+                elif node.target in lowerings.PADS:
+                    result = self.padded(node, index)
                 elif kind == "reduction" and _is_trivial_reduction(node):
                     v = self.operand(node.args[0], node, index)
                     dtype = lowerings.compute_dtype(node.meta["val"].dtype)
@@ -428,7 +430,8 @@ class _Emitter:
         (self.elem_cache if result.level == 2 else self.row_cache)[key] = result
         return result
 
-    def load(self, node: fx.Node, index: Index) -> _Value:
+    def load(self, node: fx.Node, index: Index, bound: str | None = None) -> _Value:
+        """`node`'s element at `index`; where `bound` is given, only where it holds (else 0)."""
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             raise CannotGenerate(f"input {node.name} is not a tensor")
@@ -438,10 +441,41 @@ class _Emitter:
         ptr = f"{self.input_names[node]} + {self.index_str(off)}"
         if XINDEX not in off.free_symbols and level == 1:
             ptr += " + 0 * xindex"  # one element for every row: a broadcast load, shaped like the rows
-        expr = f"tl.load({ptr}, {self.mask(level)}, other=0)"
+        mask = self.mask(level) if bound is None else f"{self.mask(level)} & {bound}"
+        expr = f"tl.load({ptr}, {mask}, other=0)"
         dtype = lowerings.compute_dtype(val.dtype)
         expr = lowerings.cast(expr, val.dtype, dtype)
         return self.put(expr, dtype, level)
+
+    def padded(self, node: fx.Node, index: Index) -> _Value:
+        """constant_pad_nd: the input where `index` falls inside it, the fill value elsewhere. The
+        input is loaded under that bound, so it is never read out of range; it must therefore be
+        a kernel input (through views), not a value computed here at out-of-range indices."""
+        source, pads = node.args[0], node.args[1]
+        fill = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+        if self.reduction:
+            raise CannotGenerate("padding inside a reduction kernel", node)
+        if any(p < 0 for p in pads):
+            raise CannotGenerate("negative padding (a crop)", node)
+        shape = shape_of(source)
+        inner, bounds = list(index), []
+        for i, (low, high) in enumerate(zip(pads[::2], pads[1::2])):
+            d = len(shape) - 1 - i
+            if low or high:
+                inner[d] = index[d] - low
+                position = self.index_str(index[d])
+                bounds.append(f"({position} >= {low}) & ({position} < {self.index_str(shape[d] + low)})")
+        bound = "(" + " & ".join(bounds) + ")" if bounds else None
+        inner_index = tuple(inner)
+        while source in self.members:
+            if node_kind(source) != "view":
+                raise CannotGenerate("padding a value computed inside the kernel", node)
+            inner_index = VIEW_INDEX_MAPS[source.target](source, inner_index)
+            source = source.args[0]
+        loaded = self.load(source, inner_index, bound)
+        if bound is None or not fill:
+            return loaded
+        return self.put(f"tl.where({bound}, {loaded.expr}, {lowerings.literal(fill)})", loaded.dtype, loaded.level)
 
     def operand(self, arg: Any, node: fx.Node, index: Index) -> _Value:
         if isinstance(arg, fx.Node) and not is_scalar_node(arg):

@@ -227,6 +227,10 @@ POINTWISE: dict[Any, Lowering] = {
 # Casts: the operand keeps its own dtype; the node's dtype is the target.
 CASTS = {prims.convert_element_type.default, aten._to_copy.default}
 
+# Padding: each element is the input's where the index falls inside it, else the fill value
+# (codegen/kernel.py reads the input under that bound, so it is pointwise over the padded shape).
+PADS = {aten.constant_pad_nd.default}
+
 # Ops whose value comes from their arguments alone: fills, and iota (the index itself).
 CONSTANTS = {
     aten.full.default,

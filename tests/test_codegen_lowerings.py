@@ -278,6 +278,25 @@ def test_scalar_overloads_predicates_and_copies():
     assert_matches(result, fn(x, lo, hi, ints), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_constant_pad_reads_its_input_only_in_bounds(dtype):
+    """Padding (pad_matmul's copies): low and high pads, a fill value, through a view, fused with a
+    consumer; a pad of a value computed in the same kernel is left to its own kernel."""
+    x = torch.randn(3, 5, 7).to(dtype)
+    y = torch.randn(15, 7).to(dtype)
+
+    def fn(x, y):
+        padded = aten.constant_pad_nd.default(aten.view.default(x, [15, 7]), [0, 3, 2, 1], 0.0)  # [18, 10]
+        filled = aten.constant_pad_nd.default(y, [1, 0], -2.5)  # [15, 8]
+        computed = aten.constant_pad_nd.default(aten.exp.default(y), [0, 1])  # [15, 8]
+        return aten.mul.Tensor(padded, 2), filled, computed
+
+    result, calls = run_fused(fn, x, y)
+    assert_matches(result, fn(x, y), rtol=1e-6, atol=1e-6)
+    sources = [call.primary.triton_source for call in calls]
+    assert sum("tl.where" in src for src in sources) == 1  # the non-zero fill; zeros come from the masked load
+
+
 def test_every_pointwise_lowering_is_covered_here():
     """A new lowering must come with a case in this file."""
     covered = set(UNARY) | set(BINARY) | set(COMPARE) | {op for op, _ in SCALAR_OPS}
