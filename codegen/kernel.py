@@ -269,6 +269,11 @@ def analyze(name: str, nodes: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> 
             raise CannotGenerate("output shape does not match the kernel's iteration space", out)
     spec = KernelSpec(name, tuple(nodes), tuple(inputs), tuple(outputs), domain, tuple(roles), tuple(keepdims), ())
     rendered = _Emitter(spec, persistent=True, index64=False).emit()
+    if domain.is_reduction and not rendered.inner and "full" in roles:
+        # A reduction across rows (a weight gradient summed over tokens) walks few wide column
+        # blocks; full-size outputs stored in that walk ran ~3x slower than a row-wise kernel
+        # writing them plus the column sum reading one (Llama's RMSNorm backward on an H200).
+        raise CannotGenerate("a reduction across rows does not also store full-size outputs")
     return dataclasses.replace(spec, symbols=tuple(sorted(rendered.symbols, key=str)), inner=rendered.inner)
 
 
