@@ -93,7 +93,7 @@ def node_kind(node: fx.Node) -> str:
         return "cast"
     if target in lowerings.CONSTANTS:
         return "constant"
-    if target in lowerings.POINTWISE or target in lowerings.PADS:
+    if target in lowerings.POINTWISE or target in lowerings.BOUNDED:
         return "pointwise"
     return "extern"
 
@@ -354,6 +354,7 @@ class _Emitter:
         self.counter = 0
         self.symbols: set[sympy.Symbol] = set()
         self.unit_strides: collections.Counter[sympy.Symbol] = collections.Counter()  # loads contiguous along x / r
+        self.bound: str | None = None  # where the values being computed are needed (bounded ops' inputs)
         self.row_cache: dict[tuple, _Value] = {}
         self.elem_cache: dict[tuple, _Value] = {}
         self.reduced: dict[fx.Node, _Value] = {}
@@ -405,7 +406,7 @@ class _Emitter:
                 raise CannotGenerate(f"argument {node!r} is not a scalar") from None
         if node in self.scalar_names:
             return _Value(self.scalar_names[node], None, 0)
-        key = (node, index)
+        key = (node, index, self.bound)
         cached = self.elem_cache.get(key) or self.row_cache.get(key)
         if cached is not None:
             return cached
@@ -416,8 +417,12 @@ class _Emitter:
             try:
                 if kind == "view":
                     result = self.value(node.args[0], VIEW_INDEX_MAPS[node.target](node, index))
-                elif node.target in lowerings.PADS:
+                elif node.target == aten.constant_pad_nd.default:
                     result = self.padded(node, index)
+                elif node.target == aten.cat.default:
+                    result = self.concatenated(node, index)
+                elif node.target == aten.slice_scatter.default:
+                    result = self.slice_scattered(node, index)
                 elif kind == "reduction" and _is_trivial_reduction(node):
                     v = self.operand(node.args[0], node, index)
                     dtype = lowerings.compute_dtype(node.meta["val"].dtype)
@@ -435,8 +440,9 @@ class _Emitter:
         (self.elem_cache if result.level == 2 else self.row_cache)[key] = result
         return result
 
-    def load(self, node: fx.Node, index: Index, bound: str | None = None) -> _Value:
-        """`node`'s element at `index`; where `bound` is given, only where it holds (else 0)."""
+    def load(self, node: fx.Node, index: Index) -> _Value:
+        """`node`'s element at `index`; under a bound (self.bound), only where it holds (else 0)."""
+        bound = self.bound
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             raise CannotGenerate(f"input {node.name} is not a tensor")
@@ -452,10 +458,23 @@ class _Emitter:
         expr = lowerings.cast(expr, val.dtype, dtype)
         return self.put(expr, dtype, level)
 
+    def bounded(self, node: fx.Node, index: Index, bound: str) -> _Value:
+        """`node` at `index`, needed only where `bound` holds: every load it makes is masked by
+        the bound, so an index out of the input's range is never read."""
+        outer = self.bound
+        self.bound = bound if outer is None else f"{outer} & {bound}"
+        try:
+            return self.value(node, index)
+        finally:
+            self.bound = outer
+
+    def _within(self, position: sympy.Expr, low: sympy.Expr, size: sympy.Expr) -> str:
+        """Triton source of low <= position < low + size."""
+        where = self.index_str(position)
+        return f"(({where} >= {self.index_str(low)}) & ({where} < {self.index_str(low + size)}))"
+
     def padded(self, node: fx.Node, index: Index) -> _Value:
-        """constant_pad_nd: the input where `index` falls inside it, the fill value elsewhere. The
-        input is loaded under that bound, so it is never read out of range; it must therefore be
-        a kernel input (through views), not a value computed here at out-of-range indices."""
+        """constant_pad_nd: the input where `index` falls inside it, the fill value elsewhere."""
         source, pads = node.args[0], node.args[1]
         fill = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
         if self.reduction:
@@ -468,19 +487,51 @@ class _Emitter:
             d = len(shape) - 1 - i
             if low or high:
                 inner[d] = index[d] - low
-                position = self.index_str(index[d])
-                bounds.append(f"({position} >= {low}) & ({position} < {self.index_str(shape[d] + low)})")
-        bound = "(" + " & ".join(bounds) + ")" if bounds else None
-        inner_index = tuple(inner)
-        while source in self.members:
-            if node_kind(source) != "view":
-                raise CannotGenerate("padding a value computed inside the kernel", node)
-            inner_index = VIEW_INDEX_MAPS[source.target](source, inner_index)
-            source = source.args[0]
-        loaded = self.load(source, inner_index, bound)
-        if bound is None or not fill:
-            return loaded
-        return self.put(f"tl.where({bound}, {loaded.expr}, {lowerings.literal(fill)})", loaded.dtype, loaded.level)
+                bounds.append(self._within(index[d], sympy.Integer(low), shape[d]))
+        if not bounds:
+            return self.value(source, index)
+        bound = " & ".join(bounds)
+        inside = self.bounded(source, tuple(inner), bound)
+        dtype = lowerings.compute_dtype(node.meta["val"].dtype)
+        expr = lowerings.cast(inside.expr, inside.dtype, dtype) if inside.dtype is not None else inside.expr
+        return self.put(f"tl.where({bound}, {expr}, {lowerings.literal(fill)})", dtype, 1)
+
+    def slice_scattered(self, node: fx.Node, index: Index) -> _Value:
+        """slice_scatter (step 1): `src` inside the slice, the input elsewhere."""
+        base, src, dim, start, _, step = _normalized_args(node)
+        start = 0 if start is None else start
+        if self.reduction:
+            raise CannotGenerate("slice_scatter inside a reduction kernel", node)
+        if step != 1 or not isinstance(start, int) or start < 0:
+            raise CannotGenerate("slice_scatter with a step, or a negative or symbolic start", node)
+        dim %= len(index)
+        bound = self._within(index[dim], sympy.Integer(start), shape_of(src)[dim])
+        inside = self.bounded(src, index[:dim] + (index[dim] - start,) + index[dim + 1 :], bound)
+        outside = self.value(base, index)
+        dtype = lowerings.compute_dtype(node.meta["val"].dtype)
+        exprs = [lowerings.cast(v.expr, v.dtype, dtype) if v.dtype else v.expr for v in (inside, outside)]
+        return self.put(f"tl.where({bound}, {exprs[0]}, {exprs[1]})", dtype, 1)
+
+    def concatenated(self, node: fx.Node, index: Index) -> _Value:
+        """cat: the element of the input whose slice along `dim` holds `index`."""
+        if self.reduction:
+            raise CannotGenerate("concatenation inside a reduction kernel", node)
+        tensors = [t for t in node.args[0] if not same(product(shape_of(t)), sympy.Integer(0))]
+        rank = len(shape_of(node))
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
+        dtype = lowerings.compute_dtype(node.meta["val"].dtype)
+        pieces, low = [], sympy.Integer(0)
+        for tensor in tensors:
+            size = shape_of(tensor)[dim]
+            bound = self._within(index[dim], low, size)
+            inner = index[:dim] + (index[dim] - low,) + index[dim + 1 :]
+            value = self.bounded(tensor, inner, bound)
+            pieces.append((bound, lowerings.cast(value.expr, value.dtype, dtype) if value.dtype else value.expr))
+            low = low + size
+        result = pieces[-1][1]
+        for bound, expr in reversed(pieces[:-1]):
+            result = f"tl.where({bound}, {expr}, {result})"
+        return self.put(result, dtype, 1)
 
     def operand(self, arg: Any, node: fx.Node, index: Index) -> _Value:
         if isinstance(arg, fx.Node) and not is_scalar_node(arg):

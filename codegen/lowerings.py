@@ -227,9 +227,10 @@ POINTWISE: dict[Any, Lowering] = {
 # Casts: the operand keeps its own dtype; the node's dtype is the target.
 CASTS = {prims.convert_element_type.default, aten._to_copy.default}
 
-# Padding: each element is the input's where the index falls inside it, else the fill value
-# (codegen/kernel.py reads the input under that bound, so it is pointwise over the padded shape).
-PADS = {aten.constant_pad_nd.default}
+# Ops whose element is one input's element chosen by index bounds: padding (else the fill value)
+# concatenation and slice_scatter (a slice's gradient). codegen/kernel.py evaluates each input only under its bound (loads masked
+# by it), so these are pointwise over their output's shape.
+BOUNDED = {aten.constant_pad_nd.default, aten.cat.default, aten.slice_scatter.default}
 
 # Ops whose value comes from their arguments alone: fills, and iota (the index itself).
 CONSTANTS = {
