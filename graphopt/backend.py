@@ -9,8 +9,10 @@ pipeline and becomes a CompiledGraph.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -90,6 +92,26 @@ def compile_graph(
     return CompiledGraph(result.gm, name, cuda_graphs=options.cuda_graphs)
 
 
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Keep the objects that exist before a compile out of the cyclic GC's full collections while it runs.
+
+    A compile allocates millions of objects, so Python runs full collections during it, and each
+    walks the whole heap (torch, the model, every library): on a warm compile of GPT-2 training
+    (CPU), 1.3 s of 5.7 s, and 0.3 s with the older objects frozen. Frozen objects are only
+    skipped, never freed early; they are thawed when the compile ends, and the compile's own
+    garbage is collected as usual. Where something else has frozen objects, the heap is left as
+    it is, since thawing would thaw theirs too."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _compilers(options: Options) -> dict[str, Callable[..., Any]]:
     graph_id = next(_graph_ids)
     partition = remat.Partitioner(options, lambda: _graph_name("forward", graph_id))
@@ -97,7 +119,8 @@ def _compilers(options: Options) -> dict[str, Callable[..., Any]]:
     def compiler(kind: GraphKind):
         def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CompiledGraph:
             earlier = partition.take_records() if kind == "forward" else []
-            return compile_graph(gm, example_inputs, kind, options, graph_id, earlier)
+            with _heap_frozen():  # AOTAutograd compiles the backward lazily, at the first backward call
+                return compile_graph(gm, example_inputs, kind, options, graph_id, earlier)
 
         return compile_fn
 
@@ -123,4 +146,5 @@ def graphopt_backend(
         parsed = options_for(mode, options)
     except OptionsError as e:
         raise _dynamo_visible(e) from None
-    return aot_autograd(**_compilers(parsed))(gm, example_inputs)
+    with _heap_frozen():
+        return aot_autograd(**_compilers(parsed))(gm, example_inputs)

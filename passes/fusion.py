@@ -22,6 +22,8 @@ group's original subgraph as a GraphModule of ATen calls.
 
 The grouping is kept in the tuning cache (`fusion_cache.py`): a warm compile
 replays it instead of trying every merge, and then writes the same kernels.
+Groups built alike (a transformer's layers) are planned by codegen once per graph
+(`fusion_plans.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from graphopt import codegen
 from graphopt.codegen import compiler, heuristics, lowerings
@@ -41,6 +44,7 @@ from graphopt.codegen.kernel import CannotGenerate, node_kind
 from graphopt.cost_model import roofline
 from graphopt.fallback import warn_fallback
 from graphopt.passes import fusion_cache
+from graphopt.passes.fusion_plans import Plans
 from graphopt.passes.graph_edit import call_with_meta
 from graphopt.pipeline import PassContext, PassReport, node_op_name
 from graphopt.runtime import GuardedCall
@@ -281,15 +285,13 @@ def _has_compute(members: Iterable[fx.Node]) -> bool:
     return any(node_kind(m) in _COMPUTE_KINDS for m in members)
 
 
-def _plan(members: list[fx.Node], name: str = "candidate") -> codegen.KernelSpec:
-    return codegen.plan_kernel(name, members, _outputs(members))
-
-
 def _names(nodes: Iterable[fx.Node]) -> tuple[str, ...]:
     return tuple(n.name for n in nodes)
 
 
-def _try_merge(grouping: _Grouping, a: _Group, b: _Group, why: str, rejected: list[RejectedMerge]) -> _Group | None:
+def _try_merge(
+    grouping: _Grouping, plans: Plans, a: _Group, b: _Group, why: str, rejected: list[RejectedMerge]
+) -> _Group | None:
     if a is b:
         return a
     reason = None
@@ -300,7 +302,7 @@ def _try_merge(grouping: _Grouping, a: _Group, b: _Group, why: str, rejected: li
         reason = "would move a read across an in-place write"
     elif _has_compute(members):
         try:
-            _plan(members)
+            plans.plan("candidate", members, _outputs(members))
         except CannotGenerate as e:
             reason = e.reason
         except Exception as e:  # a codegen bug must cost a merge, never the graph
@@ -312,7 +314,7 @@ def _try_merge(grouping: _Grouping, a: _Group, b: _Group, why: str, rejected: li
     return grouping.merge(a, b, why)
 
 
-def _form_groups(nodes: list[fx.Node], fusable: set[fx.Node], rejected: list[RejectedMerge]) -> _Grouping:
+def _form_groups(nodes: list[fx.Node], fusable: set[fx.Node], plans: Plans, rejected: list[RejectedMerge]) -> _Grouping:
     grouping = _Grouping(nodes)
     for node in nodes:
         grouping.unit(node)
@@ -331,11 +333,10 @@ def _form_groups(nodes: list[fx.Node], fusable: set[fx.Node], rejected: list[Rej
         for producer in producers:
             if producer in current.members:
                 continue
-            merged = _try_merge(
-                grouping, grouping.unit(producer), current, f"vertical: {producer.name} into {node.name}", rejected
-            )
+            why = f"vertical: {producer.name} into {node.name}"
+            merged = _try_merge(grouping, plans, grouping.unit(producer), current, why, rejected)
             current = merged or current
-    _horizontal(nodes, fusable, grouping, rejected)
+    _horizontal(nodes, fusable, grouping, plans, rejected)
     return grouping
 
 
@@ -348,7 +349,9 @@ def _free_chain(node: fx.Node, fusable: set[fx.Node]) -> list[fx.Node]:
     return chain
 
 
-def _horizontal(nodes: list[fx.Node], fusable: set[fx.Node], grouping: _Grouping, rejected: list[RejectedMerge]) -> None:
+def _horizontal(
+    nodes: list[fx.Node], fusable: set[fx.Node], grouping: _Grouping, plans: Plans, rejected: list[RejectedMerge]
+) -> None:
     """Merge groups that read the same tensor, so it is read once."""
     for node in nodes:
         if not isinstance(node.meta.get("val"), torch.Tensor):
@@ -365,7 +368,7 @@ def _horizontal(nodes: list[fx.Node], fusable: set[fx.Node], grouping: _Grouping
         for other in readers[1:]:
             if other is current:
                 continue
-            merged = _try_merge(grouping, current, other, f"horizontal: both read {node.name}", rejected)
+            merged = _try_merge(grouping, plans, current, other, f"horizontal: both read {node.name}", rejected)
             current = merged or current
 
 
@@ -380,7 +383,10 @@ def _external_inputs(members: list[fx.Node]) -> list[fx.Node]:
 
 
 def _subgraph(name: str, members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):
-    """The group's original nodes as their own GraphModule (the eager fallback), and the node map."""
+    """The group's original nodes as their own GraphModule (the eager fallback), and the node map.
+
+    Lazy: its Python code is generated on its first call, which only a failing kernel makes
+    (generating it for every group took a third of the pass on a warm compile of GPT-2)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in inputs:
@@ -389,7 +395,7 @@ def _subgraph(name: str, members: list[fx.Node], inputs: list[fx.Node], outputs:
     for node in members:
         env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
-    return fx.GraphModule(torch.nn.Module(), graph, name), env
+    return _LazyGraphModule(torch.nn.Module(), graph, name), env
 
 
 def _kernel_groups(grouping: _Grouping, fusable: set[fx.Node]) -> list[_Group]:
@@ -442,7 +448,7 @@ class _Planned:
     failure: str | None
 
 
-def _plan_kernels(grouping: _Grouping, fusable: set[fx.Node], ctx: PassContext) -> list[_Planned]:
+def _plan_kernels(grouping: _Grouping, fusable: set[fx.Node], plans: Plans, ctx: PassContext) -> list[_Planned]:
     prefix = ctx.graph_name.split("_frame")[0]
     planned = []
     for index, g in enumerate(_kernel_groups(grouping, fusable)):
@@ -450,7 +456,7 @@ def _plan_kernels(grouping: _Grouping, fusable: set[fx.Node], ctx: PassContext) 
         outputs = _outputs(g.members)
         sub_gm, env = _subgraph(name, g.members, _external_inputs(g.members), outputs)
         try:
-            spec = codegen.plan_kernel(name, [env[m] for m in g.members], [env[o] for o in outputs])
+            spec = plans.plan(name, [env[m] for m in g.members], [env[o] for o in outputs])
         except Exception as e:  # e.g. a lone node codegen cannot write: it stays an ATen call
             reason = e.reason if isinstance(e, CannotGenerate) else f"codegen raised {type(e).__name__}: {e}"[:300]
             planned.append(_Planned(g, name, sub_gm, None, reason))
@@ -465,12 +471,13 @@ def _decide(
     """The groups, the rejected merges and the planned kernels: from the tuning cache's entry for
     this graph if codegen plans its groups as it did when they were stored, else formed here and stored."""
     cache = ctx.cache
+    plans = Plans()
     if cache is not None:
 
         def decode(value: Any) -> tuple[_Grouping, list[RejectedMerge], list[_Planned]]:
             stored = fusion_cache.parse(value, nodes)
             grouping = _replay(nodes, fusable, stored.groups)
-            planned = _plan_kernels(grouping, fusable, ctx)
+            planned = _plan_kernels(grouping, fusable, plans, ctx)
             if [p.spec is not None for p in planned] != [g.kernel for g in stored.groups]:
                 raise ValueError("codegen plans its groups differently now")
             return grouping, [RejectedMerge(*r) for r in stored.rejected], planned
@@ -479,8 +486,8 @@ def _decide(
         if hit is not None:
             return hit
     rejected: list[RejectedMerge] = []
-    grouping = _form_groups(nodes, fusable, rejected)
-    planned = _plan_kernels(grouping, fusable, ctx)
+    grouping = _form_groups(nodes, fusable, plans, rejected)
+    planned = _plan_kernels(grouping, fusable, plans, ctx)
     if cache is not None:
         groups = [(p.group.members, p.group.merges, p.spec is not None) for p in planned]
         value = fusion_cache.encode(nodes, groups, [(r.first, r.second, r.reason) for r in rejected])
