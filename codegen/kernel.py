@@ -60,7 +60,7 @@ from graphopt.codegen.indexing import (
 aten = torch.ops.aten
 
 
-# How many op names a kernel's name lists (the rest are summarized by the count of its nodes).
+# How many op names a kernel's name lists (the rest are left out, to keep names readable).
 _NAMED_OPS = 5
 
 
@@ -309,6 +309,11 @@ class RenderedKernel:
     inner: bool  # more loads walk memory along rindex than along xindex
 
 
+def _in_dtype(value: _Value, dtype: torch.dtype) -> str:
+    """`value`'s expression converted to `dtype` (a weak scalar converts where it is used)."""
+    return lowerings.cast(value.expr, value.dtype, dtype) if value.dtype is not None else value.expr
+
+
 @functools.lru_cache(maxsize=None)
 def _positional_count(fn: Any) -> int:
     return sum(
@@ -417,12 +422,15 @@ class _Emitter:
             try:
                 if kind == "view":
                     result = self.value(node.args[0], VIEW_INDEX_MAPS[node.target](node, index))
-                elif node.target == aten.constant_pad_nd.default:
-                    result = self.padded(node, index)
-                elif node.target == aten.cat.default:
-                    result = self.concatenated(node, index)
-                elif node.target == aten.slice_scatter.default:
-                    result = self.slice_scattered(node, index)
+                elif node.target in lowerings.BOUNDED:
+                    if self.reduction:
+                        raise CannotGenerate(f"{node.target} inside a reduction kernel", node)
+                    emit = {
+                        aten.constant_pad_nd.default: self.padded,
+                        aten.cat.default: self.concatenated,
+                        aten.slice_scatter.default: self.slice_scattered,
+                    }[node.target]
+                    result = emit(node, index)
                 elif kind == "reduction" and _is_trivial_reduction(node):
                     v = self.operand(node.args[0], node, index)
                     dtype = lowerings.compute_dtype(node.meta["val"].dtype)
@@ -477,8 +485,6 @@ class _Emitter:
         """constant_pad_nd: the input where `index` falls inside it, the fill value elsewhere."""
         source, pads = node.args[0], node.args[1]
         fill = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-        if self.reduction:
-            raise CannotGenerate("padding inside a reduction kernel", node)
         if any(p < 0 for p in pads):
             raise CannotGenerate("negative padding (a crop)", node)
         shape = shape_of(source)
@@ -493,15 +499,12 @@ class _Emitter:
         bound = " & ".join(bounds)
         inside = self.bounded(source, tuple(inner), bound)
         dtype = lowerings.compute_dtype(node.meta["val"].dtype)
-        expr = lowerings.cast(inside.expr, inside.dtype, dtype) if inside.dtype is not None else inside.expr
-        return self.put(f"tl.where({bound}, {expr}, {lowerings.literal(fill)})", dtype, 1)
+        return self.put(f"tl.where({bound}, {_in_dtype(inside, dtype)}, {lowerings.literal(fill)})", dtype, 1)
 
     def slice_scattered(self, node: fx.Node, index: Index) -> _Value:
         """slice_scatter (step 1): `src` inside the slice, the input elsewhere."""
         base, src, dim, start, _, step = _normalized_args(node)
         start = 0 if start is None else start
-        if self.reduction:
-            raise CannotGenerate("slice_scatter inside a reduction kernel", node)
         if step != 1 or not isinstance(start, int) or start < 0:
             raise CannotGenerate("slice_scatter with a step, or a negative or symbolic start", node)
         dim %= len(index)
@@ -509,13 +512,10 @@ class _Emitter:
         inside = self.bounded(src, index[:dim] + (index[dim] - start,) + index[dim + 1 :], bound)
         outside = self.value(base, index)
         dtype = lowerings.compute_dtype(node.meta["val"].dtype)
-        exprs = [lowerings.cast(v.expr, v.dtype, dtype) if v.dtype else v.expr for v in (inside, outside)]
-        return self.put(f"tl.where({bound}, {exprs[0]}, {exprs[1]})", dtype, 1)
+        return self.put(f"tl.where({bound}, {_in_dtype(inside, dtype)}, {_in_dtype(outside, dtype)})", dtype, 1)
 
     def concatenated(self, node: fx.Node, index: Index) -> _Value:
         """cat: the element of the input whose slice along `dim` holds `index`."""
-        if self.reduction:
-            raise CannotGenerate("concatenation inside a reduction kernel", node)
         tensors = [t for t in node.args[0] if not same(product(shape_of(t)), sympy.Integer(0))]
         rank = len(shape_of(node))
         dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
@@ -526,7 +526,7 @@ class _Emitter:
             bound = self._within(index[dim], low, size)
             inner = index[:dim] + (index[dim] - low,) + index[dim + 1 :]
             value = self.bounded(tensor, inner, bound)
-            pieces.append((bound, lowerings.cast(value.expr, value.dtype, dtype) if value.dtype else value.expr))
+            pieces.append((bound, _in_dtype(value, dtype)))
             low = low + size
         result = pieces[-1][1]
         for bound, expr in reversed(pieces[:-1]):
