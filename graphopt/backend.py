@@ -98,7 +98,8 @@ def _heap_frozen() -> Iterator[None]:
 
     A compile allocates millions of objects, so Python runs full collections during it, and each
     walks the whole heap (torch, the model, every library): on a warm compile of GPT-2 training
-    (CPU), 1.3 s of 5.7 s, and 0.3 s with the older objects frozen. Frozen objects are only
+    (CPU), 1.3 s of 5.7 s, and 0.3 s with the older objects frozen (the partition, remat's
+    min-cut and CP-SAT included: they run inside this compile). Frozen objects are only
     skipped, never freed early; they are thawed when the compile ends, and the compile's own
     garbage is collected as usual. Where something else has frozen objects, the heap is left as
     it is, since thawing would thaw theirs too."""

@@ -34,12 +34,10 @@ forward compiler prepends to the pipeline's records.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -268,24 +266,6 @@ def run(
     return fw, bw, _report(analysis, decision.plan, decision, budget, save_everything)
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while partitioning (its state is restored after).
-
-    Partitioning allocates enough objects (graph copies, the min-cut and CP-SAT models)
-    to set off dozens of collections, and the older-generation ones walk the whole heap,
-    which during a compile holds the model, Dynamo's state and the graphs' FakeTensors:
-    on GPT-2 they took half the pass's time. Paused, the pass's garbage is collected
-    once, by the first collection after it."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _device_of(values: Sequence[Any]) -> torch.device:
     for value in values:
         if isinstance(value, torch.Tensor):
@@ -309,7 +289,6 @@ class Partitioner:
         records, self._records = self._records, []
         return records
 
-    @_collector_paused()
     def __call__(
         self,
         joint_module: fx.GraphModule,

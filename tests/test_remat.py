@@ -3,7 +3,6 @@ and min-cut's faster max-flow and seed, which must not change min-cut's choice."
 
 from __future__ import annotations
 
-import gc
 import math
 import random
 import warnings
@@ -213,26 +212,6 @@ def test_min_cut_seed_saves_what_min_cuts_backward_reads(mlp_joint):
     joint, n = mlp_joint
     _, bw = min_cut.partition(joint, n, _weights(joint), None)
     assert set(min_cut.saved_names(joint, n, _weights(joint), None)) == _backward_inputs(bw)
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_partitioning_pauses_the_garbage_collector_and_restores_it(mlp_joint, monkeypatch, enabled):
-    seen, real_run = [], remat.run
-
-    def run(*args, **kwargs):
-        seen.append(gc.isenabled())
-        return real_run(*args, **kwargs)
-
-    monkeypatch.setattr(remat, "run", run)
-    joint, n = mlp_joint
-    (gc.enable if enabled else gc.disable)()
-    try:
-        remat.Partitioner(Options.parse({"memory_budget": 0.8}), lambda: "test_joint")(
-            copy_graph_module(joint), [], num_fwd_outputs=n
-        )
-        assert seen == [False] and gc.isenabled() == enabled
-    finally:
-        gc.enable()
 
 
 def test_a_failing_plan_falls_back_to_min_cut_with_one_warning(mlp_joint, monkeypatch):
