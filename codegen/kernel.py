@@ -222,18 +222,19 @@ def _reduction_domain(node: fx.Node) -> tuple[Domain, bool]:
     return Domain(shape, dims), keepdim
 
 
+def external_inputs(nodes: Sequence[fx.Node]) -> list[fx.Node]:
+    """The values `nodes` read that none of them computes, in first-use order (a kernel's arguments)."""
+    inside = set(nodes)
+    return list(dict.fromkeys(arg for node in nodes for arg in node.all_input_nodes if arg not in inside))
+
+
 def analyze(name: str, nodes: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> KernelSpec:
     """Check that `nodes` form one kernel and describe it; raise CannotGenerate if not."""
-    members = set(nodes)
-    inputs: list[fx.Node] = []
     for node in nodes:
-        kind = node_kind(node)
-        if kind == "extern":
+        if node_kind(node) == "extern":
             raise CannotGenerate(f"no Triton lowering for {node.target}", node)
         _check_dtype(node)
-        for arg in node.all_input_nodes:
-            if arg not in members and arg not in inputs:
-                inputs.append(arg)
+    inputs = external_inputs(nodes)
     if not outputs:
         raise CannotGenerate("group has no outputs")
     reductions = [n for n in nodes if node_kind(n) == "reduction" and not _is_trivial_reduction(n)]

@@ -40,7 +40,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from graphopt import codegen
 from graphopt.codegen import compiler, heuristics, lowerings
-from graphopt.codegen.kernel import CannotGenerate, node_kind
+from graphopt.codegen.kernel import CannotGenerate, external_inputs, node_kind
 from graphopt.cost_model import roofline
 from graphopt.fallback import warn_fallback
 from graphopt.passes import fusion_cache
@@ -372,16 +372,6 @@ def _horizontal(
             current = merged or current
 
 
-def _external_inputs(members: list[fx.Node]) -> list[fx.Node]:
-    inside = set(members)
-    inputs: list[fx.Node] = []
-    for m in members:
-        for arg in m.all_input_nodes:
-            if arg not in inside and arg not in inputs:
-                inputs.append(arg)
-    return inputs
-
-
 def _subgraph(name: str, members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):
     """The group's original nodes as their own GraphModule (the eager fallback), and the node map.
 
@@ -454,7 +444,7 @@ def _plan_kernels(grouping: _Grouping, fusable: set[fx.Node], plans: Plans, ctx:
     for index, g in enumerate(_kernel_groups(grouping, fusable)):
         name = f"fused_{prefix}_{ctx.kind}_{index}"
         outputs = _outputs(g.members)
-        sub_gm, env = _subgraph(name, g.members, _external_inputs(g.members), outputs)
+        sub_gm, env = _subgraph(name, g.members, external_inputs(g.members), outputs)
         try:
             spec = plans.plan(name, [env[m] for m in g.members], [env[o] for o in outputs])
         except Exception as e:  # e.g. a lone node codegen cannot write: it stays an ATen call
@@ -507,7 +497,7 @@ def _rewrite(gm: fx.GraphModule, grouping: _Grouping, planned: list[_Planned], c
             continue
         outputs = _outputs(members)
         # earlier kernels replaced some inputs by their own outputs, one for one and in the same order
-        inputs = _external_inputs(members)
+        inputs = external_inputs(members)
         assert len(spec.inputs) == len(inputs)
         kernel = codegen.FusedKernel(spec, None)
         target = GuardedCall(plan.name, kernel, plan.sub_gm)

@@ -22,6 +22,7 @@ import torch
 from torch import fx
 
 from graphopt import codegen
+from graphopt.codegen.kernel import external_inputs
 
 _NODE_FIELDS = ("nodes", "inputs", "outputs")
 _OPAQUE = (torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -35,8 +36,7 @@ class Plans:
 
     def plan(self, name: str, members: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> codegen.KernelSpec:
         """`codegen.plan_kernel(name, members, outputs)`, or the same plan made for a group built alike."""
-        inside = set(members)
-        inputs = list(dict.fromkeys(a for m in members for a in m.all_input_nodes if a not in inside))
+        inputs = external_inputs(members)
         order = [*inputs, *members]
         key = structure(inputs, members, outputs)
         shared = self._plans.get(key) if key is not None else None
