@@ -2,12 +2,13 @@
 
 `FusedKernel` is the primary of a fused node's GuardedCall. It carries what the
 fusion report and the CLI show (Triton source, original nodes, cost estimate)
-and a small generated Python function that, per call, reads the size symbols
-off its inputs, allocates outputs with exactly the layout the graph's
-meta['val'] promised (torch.empty_strided), and launches the kernel with a
-configuration chosen for the actual sizes. Kernel variants (persistent or
-looped reduction, 32- or 64-bit indexing) are rendered and compiled on first
-use, once per process.
+and a small generated Python function, `launch`, that per call reads the size
+symbols off its inputs, allocates outputs with exactly the layout the graph's
+meta['val'] promised, and launches the kernel. The first call at given sizes and
+argument specializations goes through Triton's JIT with a configuration chosen
+for those sizes (kernel variants, persistent or looped reduction, 32- or 64-bit
+indexing, are rendered and compiled on first use, once per process); later calls
+launch the compiled binary directly.
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ def describe_node(node: Any) -> str:
 
 
 class FusedKernel:
-    """Launches one generated kernel; `triton_source` is its default variant."""
+    """Launches one generated kernel; `triton_source` is its default variant.
+
+    `launch` is the generated per-kernel function the graph calls (through its GuardedCall):
+    sizes, relayout of inputs, output allocation and the launch itself in one Python frame,
+    since on a GPU host every Python call on this path costs as much as a small kernel."""
 
     def __init__(self, spec: KernelSpec, cost: KernelCost | None):
         self.spec = spec
@@ -74,12 +79,22 @@ class FusedKernel:
         self.original_nodes = tuple(describe_node(n) for n in spec.nodes)
         self.inner_reduction = spec.domain.is_reduction and spec.inner
         self.launcher_source = _launcher_source(spec)
-        namespace = {"torch": torch, "relayout": relayout, "run": self._run, "empty": allocator(_device(spec))}
-        exec(compile(self.launcher_source, f"<graphopt launcher {self.name}>", "exec"), namespace)
-        self._launch = namespace["launch"]
         self._variants: dict[tuple[bool, bool], Any] = {}
-        self._launch_plans: dict[tuple[Any, ...], _Launch] = {}
+        self._binaries: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self.launches = 0
+        namespace = {
+            "torch": torch,
+            "relayout": relayout,
+            "empty": allocator(_device(spec)),
+            "kernel": self,
+            "binaries": self._binaries,
+            "first_launch": self._first_launch,
+            "jit_only": _JIT_ONLY,
+            "stream": torch._C._cuda_getCurrentRawStream if torch.cuda.is_available() else None,
+            "specialization": _specialization,
+        }
+        exec(compile(self.launcher_source, f"<graphopt launcher {self.name}>", "exec"), namespace)
+        self.launch = namespace["launch"]
 
     @property
     def triton_source(self) -> str:
@@ -95,91 +110,56 @@ class FusedKernel:
             fn = self._variants[key] = compiler.load_kernel(self.source(persistent, index64), self.spec.kernel_name)
         return fn
 
-    def _run(self, args: tuple[Any, ...], xnumel: int, rnumel: int) -> None:
-        if xnumel == 0:
-            return
-        self.launches += 1
-        key = (xnumel, rnumel, *map(_specialization, args))
-        launch = self._launch_plans.get(key)
-        if launch is None:
-            launch = self._launch_plans[key] = self._plan_launch(args, xnumel, rnumel)
-        launch(*args, xnumel, rnumel)
-
-    def _plan_launch(self, args: tuple[Any, ...], xnumel: int, rnumel: int) -> _Launch:
-        """The kernel variant, grid and block sizes for these sizes (cached by _run per sizes and
-        per what Triton specializes the arguments on)."""
+    def _first_launch(self, key: tuple[Any, ...], args: tuple[Any, ...], xnumel: int, rnumel: int) -> None:
+        """Launch through Triton's JIT (which compiles the variant on first use) and keep the binary
+        it returns, so later calls with the same `key` (sizes and what Triton specializes the
+        arguments on) call the binary's launcher directly, as inductor's launchers do. Under the
+        interpreter, and while a Triton launch hook is installed (proton), every launch comes here."""
         index64 = xnumel * rnumel >= _INT32_LIMIT or any(
             isinstance(a, torch.Tensor) and a.numel() >= _INT32_LIMIT for a in args
         )
         if self.spec.domain.is_reduction:
             config = heuristics.reduction_config(xnumel, rnumel, self.inner_reduction)
+            blocks = {"XBLOCK": config.xblock, "RBLOCK": config.rblock}
         else:
             config = heuristics.pointwise_config(xnumel)
+            blocks = {"XBLOCK": config.xblock}
         kernel = self._kernel(config.persistent or not self.spec.domain.is_reduction, index64)
-        constexprs = (config.xblock, config.rblock) if self.spec.domain.is_reduction else (config.xblock,)
-        return _Launch(kernel, (triton.cdiv(xnumel, config.xblock), 1, 1), constexprs, config.num_warps)
+        grid = (triton.cdiv(xnumel, config.xblock), 1, 1)
+        binary = kernel[grid](*args, **blocks, num_warps=config.num_warps)
+        if compiler.interpreting() or _JIT_ONLY[0] or not hasattr(binary, "packed_metadata"):
+            return
+        device = torch.cuda.current_device()
+        self._binaries[key] = (binary.run, *grid, device, binary.function, binary.packed_metadata, *blocks.values())
 
     def __call__(self, *args: Any) -> Any:
-        return self._launch(*args)
+        return self.launch(*args)
 
     def __repr__(self) -> str:
         return f"FusedKernel({self.name}, {len(self.spec.nodes)} nodes)"
 
 
 def _specialization(arg: Any) -> Any:
-    """What Triton's JIT specializes a kernel argument on: a pointer's 16-byte alignment, an
-    integer's type width, being 1 or a multiple of 16. Equal values here mean the same binary."""
-    if isinstance(arg, torch.Tensor):
-        return arg.data_ptr() % 16 == 0
+    """What Triton's JIT specializes a non-tensor kernel argument on: an integer's type width,
+    being 1 or a multiple of 16 (a tensor's is its pointer's 16-byte alignment, tested inline
+    by the launcher). Equal values here mean the same binary."""
     if type(arg) is int:
         return (arg == 1, arg % 16 == 0, -_INT32_LIMIT <= arg < _INT32_LIMIT)
     return type(arg)
 
 
-def _launch_hooks_installed() -> bool:
-    """Whether a Triton launch hook (a HookChain with hooks, or a plain callable) wants every launch.
-    Asked on every launch, so written out (a generator here cost ~1 us per launch on the H200 host)."""
+# [True] while launches must go through Triton's JIT, so that a Triton launch hook (a HookChain
+# with hooks, or a plain callable: proton) sees every one. Refreshed once per graph call by
+# runtime.CompiledGraph (update_launch_mode), not per launch: reading Triton's knobs costs ~1 us.
+_JIT_ONLY = [False]
+
+
+def update_launch_mode() -> None:
     runtime = knobs.runtime
     enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-    return bool((enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True)))
-
-
-class _Launch:
-    """One kernel binary at one grid: launched straight through the CompiledKernel's launcher.
-
-    Triton's `kernel[grid](...)` binds and specializes every argument again on each call
-    (tens of microseconds on the host, more than many kernels take on the GPU). The first
-    launch goes through it and keeps the CompiledKernel it returns; later launches with the
-    same sizes and argument specializations (the caller's cache key) call the binary's
-    launcher directly, as inductor's launchers do. Under the interpreter, and while a
-    Triton launch hook is installed (proton), every launch takes the JIT path.
-    """
-
-    def __init__(self, kernel: Any, grid: tuple[int, int, int], constexprs: tuple[int, ...], num_warps: int):
-        self.kernel = kernel
-        self.grid = grid
-        self.constexprs = constexprs
-        self.num_warps = num_warps
-        self.binary: Any = None
-        self.device = -1
-
-    def __call__(self, *args: Any) -> None:
-        binary = self.binary
-        if binary is None or _launch_hooks_installed():
-            self._launch_jit(args)
-            return
-        stream = torch._C._cuda_getCurrentRawStream(self.device)
-        # (launch metadata, enter hook, exit hook): None, as Triton passes them when no hook is installed
-        binary.run(
-            *self.grid, stream, binary.function, binary.packed_metadata, None, None, None, *args, *self.constexprs
-        )
-
-    def _launch_jit(self, args: tuple[Any, ...]) -> None:
-        blocks = dict(zip(("XBLOCK", "RBLOCK"), self.constexprs))
-        binary = self.kernel[self.grid](*args, **blocks, num_warps=self.num_warps)
-        if not compiler.interpreting() and binary is not None and hasattr(binary, "packed_metadata"):
-            self.device = torch.cuda.current_device()
-            self.binary = binary
+    _JIT_ONLY[0] = bool(
+        (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True))
+    )
 
 
 def _symbol_sources(spec: KernelSpec, names: dict[Any, str]) -> dict[sympy.Symbol, str]:
@@ -220,6 +200,7 @@ def _tuple(values: Any) -> str:
 
 
 def _launcher_source(spec: KernelSpec) -> str:
+    """The `launch` function of a kernel, written out for its arguments (see FusedKernel)."""
     names = {node: f"a{i}" for i, node in enumerate(spec.inputs)}
     sources = _symbol_sources(spec, names)
     lines = [f"def launch({', '.join(names.values())}):"]
@@ -227,15 +208,35 @@ def _launcher_source(spec: KernelSpec) -> str:
         lines.append(f"    {symbol} = {sources[symbol]}")
     for node in spec.tensor_inputs:
         if len(shape_of(node)) >= 1:
-            lines.append(f"    {names[node]} = relayout({names[node]}, {_tuple(strides_of(node))})")
+            name, stride = names[node], _tuple(strides_of(node))
+            lines.append(f"    if {name}.stride() != {stride}: {name} = relayout({name}, {stride})")
     outs = []
     for i, node in enumerate(spec.outputs):
         lines.append(f"    o{i} = empty({_tuple(shape_of(node))}, {_tuple(strides_of(node))}, {node.meta['val'].dtype})")
         outs.append(f"o{i}")
-    kernel_args = [names[n] for n in spec.tensor_inputs] + outs + [names[n] for n in spec.scalar_inputs]
-    kernel_args += [str(s) for s in spec.symbols]
-    lines.append(f"    run({_tuple_names(kernel_args)}, {print_index(spec.domain.xnumel)}, {print_index(spec.domain.rnumel)})")
-    lines.append(f"    return {outs[0]}" if len(outs) == 1 else f"    return {_tuple_names(outs)}")
+    result = outs[0] if len(outs) == 1 else _tuple_names(outs)
+    xnumel, rnumel = print_index(spec.domain.xnumel), print_index(spec.domain.rnumel)
+    lines.append(f"    xnumel, rnumel = {xnumel}, {rnumel}")
+    lines.append(f"    if xnumel == 0: return {result}")
+    lines.append("    kernel.launches += 1")
+    tensor_args = [names[n] for n in spec.tensor_inputs]
+    other_args = [names[n] for n in spec.scalar_inputs] + [str(s) for s in spec.symbols]
+    # outputs come from the caching allocator: always 16-byte aligned, left out of the key
+    key = ["xnumel", "rnumel"] + [f"{a}.data_ptr() % 16 == 0" for a in tensor_args]
+    key += [f"specialization({a})" for a in other_args]
+    args = ", ".join(tensor_args + outs + other_args + ["xnumel", "rnumel"])
+    blocks = "xblock, rblock" if spec.domain.is_reduction else "xblock"
+    lines += [
+        f"    key = {_tuple_names(key)}",
+        "    binary = None if jit_only[0] else binaries.get(key)",
+        "    if binary is None:",
+        f"        first_launch(key, ({args},), xnumel, rnumel)",
+        "    else:",
+        f"        run, gx, gy, gz, device, function, metadata, {blocks} = binary",
+        # (launch metadata, enter hook, exit hook): None, as Triton passes them when no hook is installed
+        f"        run(gx, gy, gz, stream(device), function, metadata, None, None, None, {args}, {blocks})",
+        f"    return {result}",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -265,7 +265,7 @@ def test_a_failing_kernel_falls_back_for_its_group_only_and_the_model_runs(failu
     """The first kernel that runs fails (Triton compile error, or launch failure): its group runs as
     eager ATen with a warning naming it; the other kernels still run generated code."""
     failed: list[str] = []
-    real_load, real_run = compiler.load_kernel, launcher.FusedKernel._run
+    real_load, real_run = compiler.load_kernel, launcher.FusedKernel._first_launch
 
     def failing_load(source, name):
         if not failed:
@@ -282,7 +282,7 @@ def test_a_failing_kernel_falls_back_for_its_group_only_and_the_model_runs(failu
     if failure == "compile":
         monkeypatch.setattr(compiler, "load_kernel", failing_load)
     else:
-        monkeypatch.setattr(launcher.FusedKernel, "_run", failing_run)
+        monkeypatch.setattr(launcher.FusedKernel, "_first_launch", failing_run)
     (out_e, grads_e, *_), (out_g, grads_g, _, graphs, warned) = run_both(
         _two_kernel_model, lambda: (torch.randn(4, 8), torch.randn(8, 8))
     )
