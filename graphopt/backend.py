@@ -19,7 +19,7 @@ import torch
 from torch import fx
 from torch._dynamo.backends.common import aot_autograd
 
-from graphopt import events
+from graphopt import artifact_cache, events
 from graphopt.cache import open_graph_cache
 from graphopt.decompositions import decomposition_table
 from graphopt.fallback import warn_fallback
@@ -113,7 +113,8 @@ def _heap_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _compilers(options: Options) -> dict[str, Callable[..., Any]]:
+def _compilers(options: Options, cached: bool) -> dict[str, Callable[..., Any]]:
+    """aot_autograd's arguments; `cached`: compilers whose results torch's AOTAutograd cache keeps."""
     graph_id = next(_graph_ids)
     partition = remat.Partitioner(options, lambda: _graph_name("forward", graph_id))
 
@@ -123,7 +124,7 @@ def _compilers(options: Options) -> dict[str, Callable[..., Any]]:
             with _heap_frozen():  # AOTAutograd compiles the backward lazily, at the first backward call
                 return compile_graph(gm, example_inputs, kind, options, graph_id, earlier)
 
-        return compile_fn
+        return artifact_cache.serializable(compile_fn) if cached else compile_fn
 
     return {
         "fw_compiler": compiler("forward"),
@@ -147,5 +148,7 @@ def graphopt_backend(
         parsed = options_for(mode, options)
     except OptionsError as e:
         raise _dynamo_visible(e) from None
-    with _heap_frozen():
-        return aot_autograd(**_compilers(parsed))(gm, example_inputs)
+    cached = artifact_cache.wanted(parsed)
+    caching = artifact_cache.caching(parsed, _device_of(example_inputs)) if cached else contextlib.nullcontext()
+    with _heap_frozen(), caching:
+        return aot_autograd(**_compilers(parsed, cached))(gm, example_inputs)

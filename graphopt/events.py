@@ -33,6 +33,11 @@ def graph_compiled(info: CompiledGraphInfo) -> None:
         listener(info)
 
 
+def listening() -> bool:
+    """Whether anything listens to compiles (a compile loaded from a cache announces nothing)."""
+    return bool(_listeners)
+
+
 @contextlib.contextmanager
 def capture() -> Iterator[list[CompiledGraphInfo]]:
     """Collect the CompiledGraphInfo of every graph compiled inside the block."""

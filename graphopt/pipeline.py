@@ -111,6 +111,11 @@ def selecting_passes(select: PassSelector) -> Iterator[None]:
         _pass_selector.reset(token)
 
 
+def passes_selected() -> bool:
+    """Whether `selecting_passes` is in effect (a compile loaded from a cache ran every pass)."""
+    return _pass_selector.get() is not None
+
+
 @dataclasses.dataclass
 class PipelineResult:
     gm: fx.GraphModule

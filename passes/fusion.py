@@ -485,6 +485,22 @@ def _decide(
     return grouping, rejected, planned
 
 
+def _guarded_kernel(name: str, spec: codegen.KernelSpec, sub_gm: fx.GraphModule) -> GuardedCall:
+    """A kernel node's target: the generated kernel, and its group's original subgraph if it fails."""
+    return GuardedCall(name, codegen.FusedKernel(spec, None), sub_gm)
+
+
+def kernel_call(name: str, sub_gm: fx.GraphModule, plans: Plans) -> GuardedCall:
+    """A kernel node's target made again from its eager fallback subgraph alone (a compiled graph
+    loaded from a cache keeps only that, graphopt/artifact.py): codegen plans the subgraph's own
+    nodes, as `_plan_kernels` planned them when the group was fused; CannotGenerate if it cannot."""
+    members = [n for n in sub_gm.graph.nodes if n.op == "call_function"]
+    (output,) = sub_gm.graph.find_nodes(op="output")
+    result = output.args[0]
+    outputs = list(result) if isinstance(result, tuple) else [result]
+    return _guarded_kernel(name, plans.plan(name, members, outputs), sub_gm)
+
+
 def _rewrite(gm: fx.GraphModule, grouping: _Grouping, planned: list[_Planned], ctx: PassContext) -> list[FusedGroup]:
     graph = gm.graph
     order_key: dict[fx.Node, float] = {n: float(p) for n, p in grouping.pos.items()}
@@ -499,8 +515,8 @@ def _rewrite(gm: fx.GraphModule, grouping: _Grouping, planned: list[_Planned], c
         # earlier kernels replaced some inputs by their own outputs, one for one and in the same order
         inputs = external_inputs(members)
         assert len(spec.inputs) == len(inputs)
-        kernel = codegen.FusedKernel(spec, None)
-        target = GuardedCall(plan.name, kernel, plan.sub_gm)
+        target = _guarded_kernel(plan.name, spec, plan.sub_gm)
+        kernel = target.primary
         # placed where its first computation was; the sort below moves it after its inputs
         first = next(m for m in members if node_kind(m) in _COMPUTE_KINDS)
         with graph.inserting_before(first):

@@ -1,0 +1,158 @@
+"""A compiled graph as an inductor `OutputCode`, the form torch's AOTAutograd cache keeps.
+
+With `torch._functorch.config.bundled_autograd_cache`, torch pickles the compilers'
+OutputCode objects into its cache entry whole (graphopt/artifact_cache.py says when
+graphopt asks for that). A CompiledGraph does not pickle as is: its kernel nodes'
+targets (GuardedCall -> FusedKernel) hold codegen plans full of fx.Nodes. Its
+picklable form is the final graph with each kernel node turned into a call of its
+eager fallback subgraph (a submodule named after the kernel), written by torch's
+GraphPickler, which keeps every node's meta['val']: the shapes, strides, dtypes and
+size symbols codegen plans from. Loading plans each subgraph again and makes its
+kernel as the fusion pass did (`fusion.kernel_call`); Triton's own on-disk cache
+keeps the kernel compiles cheap.
+
+Loading happens while torch unpickles the entry, so an entry that cannot be loaded
+(corrupt, or made by another graphopt) fails there: torch then skips it, compiles
+the graph as usual and stores a fresh entry next to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import warnings
+from typing import Any
+
+import torch
+from torch import fx
+from torch._inductor.output_code import OutputCode
+from torch.fx._lazy_graph_module import _LazyGraphModule
+
+from graphopt.cache import CacheWarning
+from graphopt.passes.fusion import kernel_call
+from graphopt.passes.fusion_plans import Plans
+from graphopt.pipeline import copy_graph_module
+from graphopt.runtime import CompiledGraph, GuardedCall
+
+
+@dataclasses.dataclass
+class GraphoptOutputCode(OutputCode):
+    """One CompiledGraph, called with AOTAutograd's boxed convention; pickles as its graph's bytes."""
+
+    name: str = ""
+    cuda_graphs: bool = False
+    compiled: CompiledGraph | None = None
+    payload: bytes | None = None  # GraphPickler bytes of the picklable graph; set only on the copy torch saves
+    digest: str = ""  # sha256 of payload: a damaged entry is caught before it is unpickled
+
+    def __post_init__(self) -> None:
+        self._boxed_call = True
+
+    def __call__(self, inputs: list[Any]) -> Any:
+        return self.compiled(inputs)
+
+    def prepare_for_serialization(self) -> None:
+        """Runs on the copy torch pickles (the live one keeps running)."""
+        try:
+            self.payload = _dumps(self.compiled.gm)
+        except Exception as e:  # torch then skips the entry; the compile itself is unaffected
+            warnings.warn(f"graphopt: compiled graph {self.name} not kept in torch's AOTAutograd cache: {e}", CacheWarning)
+            raise
+        self.digest = hashlib.sha256(self.payload).hexdigest()
+        self.compiled = None
+
+    def __copy__(self) -> GraphoptOutputCode:
+        """A plain copy (torch copies the result before preparing it for pickling); without this,
+        copy.copy would go through __setstate__, which loads."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        try:
+            if hashlib.sha256(self.payload).hexdigest() != self.digest:
+                raise ValueError("its bytes do not match their checksum")
+            gm = _loads(self.payload)
+        except Exception as e:
+            warnings.warn(
+                f"graphopt: cannot load compiled graph {self.name} from torch's AOTAutograd cache "
+                f"({type(e).__name__}: {e}); compiling it again",
+                CacheWarning,
+            )
+            raise
+        self.compiled = CompiledGraph(gm, self.name, cuda_graphs=self.cuda_graphs)
+        self.payload = None
+
+    def post_compile(self, example_inputs: Any, constants: Any, graph_kwargs: Any) -> None:
+        """Nothing left to do: unpickling made the graph and its kernels."""
+
+    def set_triton_bundle(self, triton_bundle: Any) -> None:
+        """graphopt's kernels come back through Triton's own cache, not a bundle."""
+
+
+def output_code(compiled: CompiledGraph) -> GraphoptOutputCode:
+    return GraphoptOutputCode(name=compiled.name, cuda_graphs=compiled.cuda_graph is not None, compiled=compiled)
+
+
+class _Held(torch.nn.Module):
+    """A target of graphopt's own in a graph being pickled, held as a submodule (GraphPickler names
+    only torch's and Python's functions): a kernel as its name and its fallback subgraph, from which
+    codegen makes it again on load; any other (a planned view) as itself, which must pickle."""
+
+    def __init__(self, target: Any):
+        super().__init__()
+        self.kernel_name = target.__name__ if isinstance(target, GuardedCall) else None
+        self.fallback = target.fallback if isinstance(target, GuardedCall) else None
+        self.target = None if isinstance(target, GuardedCall) else target
+
+    def restore(self, plans: Plans) -> Any:
+        if self.kernel_name is None:
+            return self.target
+        return kernel_call(self.kernel_name, _LazyGraphModule.from_graphmodule(self.fallback), plans)
+
+
+def _dumps(gm: fx.GraphModule) -> bytes:
+    """GraphPickler bytes of `gm`, graphopt's own targets held as submodules named after their nodes."""
+    from torch.fx._graph_pickler import GraphPickler, Options
+
+    picklable = copy_graph_module(gm)
+    graph = picklable.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and type(node.target).__module__.startswith("graphopt."):
+            picklable.add_submodule(node.name, _Held(node.target))
+            _replace(graph, node, "call_module", node.name)
+    return GraphPickler.dumps(picklable, Options(node_metadata_key_filter=_kept_meta))
+
+
+def _kept_meta(key: str) -> bool:
+    """Only meta['val'] is read after compiling (by codegen and the runtime); the rest need not pickle."""
+    return key == "val"
+
+
+def _loads(payload: bytes) -> fx.GraphModule:
+    """The graph `_dumps` wrote, with its targets back (repeated kernel structures planned once)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with unset_fake_temporarily():  # the values get a fake mode of their own, never the caller's
+        gm = GraphPickler.loads(payload, FakeTensorMode(shape_env=ShapeEnv()))
+    plans = Plans()
+    for node in list(gm.graph.find_nodes(op="call_module")):
+        held = gm.get_submodule(node.target)
+        if isinstance(held, _Held):
+            _replace(gm.graph, node, "call_function", held.restore(plans))
+            gm.delete_submodule(node.target)
+    gm = _LazyGraphModule.from_graphmodule(gm)
+    _LazyGraphModule.force_recompile(gm)
+    return gm
+
+
+def _replace(graph: fx.Graph, node: fx.Node, op: str, target: Any) -> None:
+    """`node` replaced by an `op` node of `target` with the same inputs and meta."""
+    with graph.inserting_before(node):
+        new = graph.create_node(op, target, node.args, node.kwargs)
+    new.meta = node.meta
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)

@@ -1,0 +1,122 @@
+"""Compiling through torch's AOTAutograd cache: a new process that compiles a graph compiled
+before (same model, inputs, options, tuning-cache folder) loads the result instead.
+
+With the tuning cache full, about two thirds of a compile is AOTAutograd's own work
+(tracing the joint graph, functionalization, the partition), which only a cached
+AOTAutograd result skips. torch keeps one when the forward compiler is a
+SerializableAOTDispatchCompiler and every compiler returns an OutputCode that pickles
+whole (`bundled_autograd_cache`; graphopt/artifact.py makes CompiledGraph one). The
+backward is compiled with the forward, not at the first backward call
+(`force_non_lazy_backward_lowering`), so the entry is written while these settings
+hold; torch's precompile sets the same two.
+
+torch's key covers the Dynamo graph, the inputs' metadata, torch's version and its
+configs, but not the compilers. What graphopt's result also depends on goes into it
+through `torch.compiler.config.cache_key_tag`: graphopt's version and source, the
+options, the device, whether kernels can run here, and the tuning-cache folder, so a
+new folder starts cold, as the tuning cache does.
+
+Not used when a compile must really run: `debug_dir` asks for every pass's records,
+something listens to compiles (graphopt.events: the CLI, tests), or bisect selects
+passes. torch's switches turn it off (TORCHINDUCTOR_AUTOGRAD_CACHE=0,
+torch.compiler.config.force_disable_caches). A torch without these APIs compiles as
+before, with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import fx
+
+from graphopt import events, pipeline
+from graphopt.cache import DEBUG_ONLY_OPTIONS, CacheWarning, default_cache_dir, device_name, source_digest
+from graphopt.options import Options
+from graphopt.runtime import CompiledGraph
+
+
+@functools.lru_cache(maxsize=1)
+def missing_api() -> str | None:
+    """What this torch lacks for keeping compiled graphs, or None."""
+    try:
+        from torch._functorch._aot_autograd.autograd_cache import should_use_local_autograd_cache  # noqa: F401
+        from torch._functorch.aot_autograd import SerializableAOTDispatchCompiler  # noqa: F401
+        from torch._inductor.output_code import OutputCode  # noqa: F401
+        from torch.compiler import config as compiler_config
+        from torch.fx._graph_pickler import GraphPickler  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    for config, name in (
+        (torch._functorch.config, "bundled_autograd_cache"),
+        (torch._functorch.config, "force_non_lazy_backward_lowering"),
+        (compiler_config, "cache_key_tag"),
+    ):
+        if not hasattr(config, name):
+            return f"{config.__name__}.{name} does not exist"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_missing(reason: str) -> None:
+    warnings.warn(f"graphopt: compiled graphs are not cached with torch {torch.__version__}: {reason}", CacheWarning)
+
+
+def wanted(options: Options) -> bool:
+    """Whether this compile goes through torch's AOTAutograd cache (see the module doc)."""
+    if options.debug_dir or events.listening() or pipeline.passes_selected():
+        return False
+    missing = missing_api()
+    if missing is not None:
+        _warn_missing(missing)
+        return False
+    from torch._functorch._aot_autograd.autograd_cache import should_use_local_autograd_cache
+
+    return should_use_local_autograd_cache()
+
+
+def _tag(options: Options, device: torch.device) -> str:
+    """What graphopt's compiled graphs depend on beyond torch's key, hashed."""
+    import triton
+
+    import graphopt
+    from graphopt.codegen import compiler
+
+    material = (
+        graphopt.__version__,
+        source_digest(),
+        triton.__version__,
+        sorted((k, repr(v)) for k, v in options.as_dict().items() if k not in DEBUG_ONLY_OPTIONS),
+        os.path.abspath(default_cache_dir(options)),
+        device_name(device),
+        compiler.can_run_on(device),
+    )
+    return hashlib.sha256(repr(material).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def caching(options: Options, device: torch.device) -> Iterator[None]:
+    """torch's settings for keeping and finding graphopt's compiled graphs, around one aot_autograd call."""
+    from torch.compiler import config as compiler_config
+
+    tag = f"{compiler_config.cache_key_tag}graphopt-{_tag(options, device)}"
+    with (
+        torch._functorch.config.patch(bundled_autograd_cache=True, force_non_lazy_backward_lowering=True),
+        compiler_config.patch(cache_key_tag=tag),
+    ):
+        yield
+
+
+def serializable(compile_fn: Callable[[fx.GraphModule, Any], CompiledGraph]) -> Callable[..., Any]:
+    """`compile_fn` as a compiler whose results torch's AOTAutograd cache can keep."""
+    from torch._functorch.aot_autograd import SerializableAOTDispatchCompiler
+
+    from graphopt.artifact import GraphoptOutputCode, output_code
+
+    return SerializableAOTDispatchCompiler(GraphoptOutputCode, lambda gm, inputs: output_code(compile_fn(gm, inputs)))

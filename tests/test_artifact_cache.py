@@ -1,0 +1,115 @@
+"""Compiled graphs kept in torch's AOTAutograd cache (graphopt/artifact_cache.py): a second
+process loads them instead of tracing and compiling, and computes what eager computes; an
+entry that cannot be loaded is compiled again, with a warning; a torch without the API, or a
+compile someone listens to, compiles as before."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from graphopt import artifact_cache, events
+from graphopt.artifact import GraphoptOutputCode
+from graphopt.cache import CacheWarning
+
+SCRIPT = Path(__file__).with_name("artifact_cache_script.py")
+# float32; generated kernels may reassociate reductions: relative to the largest eager value
+TOLERANCE = 1e-4
+
+
+def _process(tmp_path, mode):
+    """One fresh process compiling the MLP: (its JSON report, its stderr)."""
+    env = {
+        **os.environ,
+        "GRAPHOPT_CACHE_DIR": str(tmp_path / "graphopt"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "TRITON_INTERPRET": "1",
+    }
+    done = subprocess.run([sys.executable, str(SCRIPT), mode], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def _entries(tmp_path):
+    return sorted((tmp_path / "inductor" / "aotautograd").glob("*/*"))
+
+
+@pytest.mark.parametrize("mode, kinds", [("train", ["forward", "backward"]), ("infer", ["inference"])])
+def test_a_second_process_loads_the_compiled_graphs_without_tracing_them(tmp_path, mode, kinds):
+    cold, _ = _process(tmp_path, mode)
+    warm, _ = _process(tmp_path, mode)
+    assert cold["compiled"] == kinds and cold["aot"].get("autograd_cache_saved") == 1
+    assert warm["compiled"] == [] and warm["aot"].get("autograd_cache_hit") == 1  # no AOTAutograd trace, no passes
+    assert warm["kernel_sources"] > 0  # the generated kernels were made again and ran
+    assert cold["worst_relative_error"] < TOLERANCE and warm["worst_relative_error"] < TOLERANCE
+
+
+def _damage_payload(path):
+    """The graph's bytes changed inside an entry that still unpickles."""
+    raw = mock.patch.object(GraphoptOutputCode, "__setstate__", lambda self, state: self.__dict__.update(state))
+    with raw:  # the stored bytes as they are, not loaded
+        entry = pickle.loads(path.read_bytes())
+    code = entry.compiled_fw.result
+    code.payload = code.payload[:-64] + bytes(64)
+    path.write_bytes(pickle.dumps(entry))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", [_damage_payload, _truncate], ids=["payload damaged", "file truncated"])
+def test_an_entry_that_cannot_be_loaded_is_compiled_again(tmp_path, damage):
+    _process(tmp_path, "train")
+    (entry,) = _entries(tmp_path)
+    damage(entry)
+    again, stderr = _process(tmp_path, "train")
+    assert again["compiled"] == ["forward", "backward"] and again["aot"].get("autograd_cache_saved") == 1
+    assert again["worst_relative_error"] < TOLERANCE
+    if damage is _damage_payload:
+        assert "CacheWarning: graphopt: cannot load compiled graph" in stderr and "checksum" in stderr
+    else:
+        assert "unable to load compiled graph" in stderr  # torch's own warning
+    # the fresh entry stored next to the damaged one is found by the next process
+    assert len(_entries(tmp_path)) == 2
+    third, _ = _process(tmp_path, "train")
+    assert third["compiled"] == [] and third["aot"].get("autograd_cache_hit") == 1
+
+
+def _mlp_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    out = torch.compile(model, backend="graphopt")(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+def _cache_events():
+    return {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")}
+
+
+def test_a_torch_without_the_api_compiles_as_before_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(artifact_cache, "missing_api", lambda: "no SerializableAOTDispatchCompiler")
+    artifact_cache._warn_missing.cache_clear()
+    counters.clear()
+    with pytest.warns(CacheWarning, match="not cached with torch .*no SerializableAOTDispatchCompiler"):
+        _mlp_step()
+    assert _cache_events() == {}
+
+
+def test_a_compile_someone_listens_to_really_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    counters.clear()
+    with events.capture() as graphs:
+        _mlp_step()
+    assert [g.kind for g in graphs] == ["forward", "backward"]
+    assert _cache_events() == {}
