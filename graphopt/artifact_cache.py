@@ -46,6 +46,8 @@ from graphopt.runtime import CompiledGraph
 def missing_api() -> str | None:
     """What this torch lacks for keeping compiled graphs, or None."""
     try:
+        # bundles any OutputCode, not only inductor's CompiledFxGraph
+        from torch._functorch._aot_autograd.aot_autograd_result import BundledOutputCodeLoadable  # noqa: F401
         from torch._functorch._aot_autograd.autograd_cache import should_use_local_autograd_cache  # noqa: F401
         from torch._functorch.aot_autograd import SerializableAOTDispatchCompiler  # noqa: F401
         from torch._inductor.output_code import OutputCode  # noqa: F401
