@@ -82,6 +82,12 @@ class Options:
         "True | False",
         "zero-pad matrix products whose sizes break cuBLAS's 16-byte alignment (CUDA), when the roofline says it pays",
     )
+    planned_views: bool = _option(
+        True,
+        _as_bool,
+        "True | False",
+        "run views whose layout is static as a stride check and an alias instead of an ATen call (less host time)",
+    )
     debug_dir: str | None = _option(
         None,
         _as_optional_path,

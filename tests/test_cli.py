@@ -146,6 +146,7 @@ def test_dump_writes_every_stage_and_kernels_and_diff_shows_a_pass(tmp_path, sma
         "04_conv_layout.py",
         "05_pad_matmul.py",
         "06_fusion.py",
+        "07_planned_views.py",
     ]
     kernels = list((forward / "kernels").glob("*.py"))
     assert kernels and "@triton.jit" in kernels[0].read_text()

@@ -1,0 +1,118 @@
+"""Views whose layout is known at compile time run as a stride check and an alias.
+
+After fusion, the final graph still calls ATen for every view between kernels and
+extern ops (GPT-2 has hundreds per step: view, unsqueeze, permute, expand, slice).
+Each is a full ATen call through the dispatcher, several microseconds of host time
+on a GPU machine, where the host issuing the step is often what bounds it. When the
+view's input and result have static sizes and strides in the graph's meta, the
+result is fully determined by the input's strides: a `PlannedView` checks those and
+makes the alias directly (torch's `_reinterpret_tensor`, as inductor's generated code
+does), about a quarter of the ATen call's cost. If the input arrives with other
+strides than the graph promised, it calls the ATen op as written: never wrong, only
+slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from graphopt.pipeline import PassContext, PassReport
+
+aten = torch.ops.aten
+
+# single-result ATen views; a reshape counts only where meta shows it did not copy
+_VIEW_OPS = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.expand.default,
+    aten.unsqueeze.default,
+    aten.squeeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.permute.default,
+    aten.t.default,
+    aten.transpose.int,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.alias.default,
+    aten.as_strided.default,
+}
+
+_reinterpret = torch._C._dynamo.guards._reinterpret_tensor
+
+
+class PlannedView:
+    """A graph node target: `op(source, *args)` made as an alias of the layout the graph planned."""
+
+    __module__ = "graphopt.passes.planned_views"
+
+    def __init__(self, name: str, op: Any, source_stride: tuple[int, ...], size: tuple[int, ...], stride: tuple[int, ...], offset_delta: int):
+        self.__name__ = name
+        self.__qualname__ = name
+        self.op = op
+        self.source_stride = source_stride
+        self.size = size
+        self.stride = stride
+        self.offset_delta = offset_delta
+
+    def __call__(self, source: torch.Tensor, *args: Any) -> torch.Tensor:
+        if source.stride() == self.source_stride:
+            return _reinterpret(source, self.size, self.stride, self.offset_delta)
+        return self.op(source, *args)
+
+    def __repr__(self) -> str:
+        return f"PlannedView({self.op}, size={self.size}, stride={self.stride})"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedViewsReport(PassReport):
+    planned: int
+    kept: dict[str, int]
+
+    def summary(self) -> str:
+        kept = sum(self.kept.values())
+        return f"{self.planned} views planned as aliases, {kept} left as ATen calls"
+
+
+def _static(values: Any) -> tuple[int, ...] | None:
+    return tuple(values) if all(type(v) is int for v in values) else None
+
+
+def _plan(node: fx.Node) -> PlannedView | str:
+    """The node's PlannedView, or why it stays an ATen call."""
+    if node.kwargs:
+        return "keyword arguments"
+    source = node.args[0]
+    val = node.meta.get("val")
+    src = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or not isinstance(src, torch.Tensor):
+        return "no tensor meta"
+    size, stride, source_stride = _static(val.shape), _static(val.stride()), _static(src.stride())
+    offsets = (val.storage_offset(), src.storage_offset())
+    if size is None or stride is None or source_stride is None or not all(type(o) is int for o in offsets):
+        return "symbolic layout"
+    if StorageWeakRef(val.untyped_storage()) != StorageWeakRef(src.untyped_storage()):
+        return "copies its input"
+    return PlannedView(f"planned_{node.target.__name__.replace('.', '_')}", node.target, source_stride, size, stride, offsets[0] - offsets[1])
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PlannedViewsReport]:
+    planned = 0
+    kept: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _VIEW_OPS:
+            continue
+        plan = _plan(node)
+        if isinstance(plan, str):
+            kept[plan] = kept.get(plan, 0) + 1
+            continue
+        node.target = plan
+        planned += 1
+    gm.recompile()
+    return gm, PlannedViewsReport(planned, kept)

@@ -1,0 +1,99 @@
+"""Planned views: aliases made from the planned layout equal ATen's views, and fall back when the input's strides differ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_training_matches_eager
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from graphopt import events
+from graphopt.options import Options
+from graphopt.passes import planned_views
+from graphopt.pipeline import PassContext
+
+aten = torch.ops.aten
+
+VIEWS = {
+    "view": lambda x: x.view(6, 4),
+    "unsqueeze_expand": lambda x: x.unsqueeze(1).expand(4, 5, 6),
+    "permute": lambda x: x.permute(1, 0),
+    "transpose": lambda x: x.transpose(0, 1),
+    "slice": lambda x: x[1:3, 2:],
+    "select": lambda x: x[2],
+    "squeeze": lambda x: x.unsqueeze(0).squeeze(0),
+    "as_strided": lambda x: x.as_strided((2, 3), (1, 2), 5),
+}
+
+
+def _planned(fn, x):
+    gm = make_fx(fn, tracing_mode="fake")(x)
+    ctx = PassContext(options=Options(), graph_name="g0_test", kind="inference", example_inputs=[x])
+    out, report = planned_views.run(gm, ctx)
+    return out, report
+
+
+@pytest.mark.parametrize("case", VIEWS)
+def test_planned_view_equals_aten_view_and_aliases_its_input(case):
+    x = torch.randn(4, 6)
+    gm, report = _planned(VIEWS[case], x)
+    assert report.planned >= 1, report
+    fresh = torch.randn(4, 6)
+    result, expected = gm(fresh), VIEWS[case](fresh)
+    assert result.shape == expected.shape and result.stride() == expected.stride()
+    assert result.storage_offset() == expected.storage_offset()
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+    assert result.untyped_storage().data_ptr() == fresh.untyped_storage().data_ptr(), "a view must alias its input"
+
+
+def test_input_with_other_strides_runs_the_aten_view():
+    """The graph planned a contiguous input; a transposed one of the same shape gets ATen's answer."""
+    gm, _ = _planned(lambda x: x.permute(1, 0).unsqueeze(0), torch.randn(4, 6))
+    other = torch.randn(6, 4).t()
+    torch.testing.assert_close(gm(other), other.permute(1, 0).unsqueeze(0), rtol=0, atol=0)
+
+
+def test_copying_reshape_and_symbolic_views_stay_aten():
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    t = graph.call_function(aten.t.default, (x,))
+    flat = graph.call_function(aten.reshape.default, (t, [24]))
+    graph.output(flat)
+    with FakeTensorMode():
+        x.meta["val"] = torch.empty(4, 6)
+        t.meta["val"] = x.meta["val"].t()
+        flat.meta["val"] = t.meta["val"].reshape(24)  # a transposed tensor cannot be flattened in place
+    gm = torch.fx.GraphModule({}, graph)
+    ctx = PassContext(options=Options(), graph_name="g0_test", kind="inference", example_inputs=[])
+    gm, report = planned_views.run(gm, ctx)
+    assert report.planned == 1 and report.kept == {"copies its input": 1}, report
+    fresh = torch.randn(4, 6)
+    torch.testing.assert_close(gm(fresh), fresh.t().reshape(24), rtol=0, atol=0)
+    sym = make_fx(lambda x: x.view(-1), tracing_mode="symbolic")(torch.randn(4, 6))
+    _, report = planned_views.run(sym, ctx)
+    assert report.planned == 0 and report.kept == {"symbolic layout": 1}, report
+
+
+def test_training_with_planned_views_matches_eager_and_plans_views():
+    """A tiny attention block, forward and backward: losses and gradients equal eager's."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48)
+            self.out = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = self.qkv(x).split(16, dim=-1)
+            q, k, v = (z.view(b, t, 2, 8).transpose(1, 2) for z in (q, k, v))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 5, 16) for _ in range(2)]
+    with events.capture() as graphs:
+        assert_training_matches_eager(Block(), batches, lambda run, x: run(x).square().mean(), rtol=1e-4, atol=1e-5)
+    planned = [r.report.planned for g in graphs for r in g.records if r.name == "planned_views"]
+    assert planned and sum(planned) > 0, planned
