@@ -55,6 +55,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "step_ms": (list,),
     "peak_bytes": _OPTIONAL_NUMBER,
     "compile_s": _OPTIONAL_NUMBER,
+    "warm_tuning_only_compile_s": _OPTIONAL_NUMBER,
     "warm_compile_s": _OPTIONAL_NUMBER,
     "warm_cache_hits": _OPTIONAL_NUMBER,
     "warm_cache_misses": _OPTIONAL_NUMBER,
@@ -64,7 +65,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "wall_s": _NUMBER,
 }
 # Fields added after results were first committed: absent from older files, read as these values.
-ADDED_FIELDS: dict[str, Any] = {"graphopt_off": None}
+ADDED_FIELDS: dict[str, Any] = {"graphopt_off": None, "warm_tuning_only_compile_s": None}
 
 
 def new_record(

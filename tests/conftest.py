@@ -1,8 +1,11 @@
 """Test-wide setup: Triton runs in its interpreter on the CPU (set before triton is imported)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch's AOTAutograd cache (which keeps graphopt's compiled graphs) writes here, not in the user's folder
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="graphopt-tests-torch-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
