@@ -221,20 +221,25 @@ def _launcher_source(spec: KernelSpec) -> str:
     lines.append("    kernel.launches += 1")
     tensor_args = [names[n] for n in spec.tensor_inputs]
     other_args = [names[n] for n in spec.scalar_inputs] + [str(s) for s in spec.symbols]
+    # The compiled binary takes raw device pointers: given a tensor, Triton's C launcher calls its
+    # data_ptr() and asks the driver about the address (cuPointerGetAttribute) for every argument.
+    pointers = [f"p{i}" for i in range(len(tensor_args) + len(outs))]
+    lines.append(f"    {_tuple_names(pointers)} = {_tuple_names([f'{t}.data_ptr()' for t in tensor_args + outs])}")
     # outputs come from the caching allocator: always 16-byte aligned, left out of the key
-    key = ["xnumel", "rnumel"] + [f"{a}.data_ptr() % 16 == 0" for a in tensor_args]
+    key = ["xnumel", "rnumel"] + [f"{p} % 16 == 0" for p in pointers[: len(tensor_args)]]
     key += [f"specialization({a})" for a in other_args]
-    args = ", ".join(tensor_args + outs + other_args + ["xnumel", "rnumel"])
+    jit_args = ", ".join(tensor_args + outs + other_args + ["xnumel", "rnumel"])
+    binary_args = ", ".join(pointers + other_args + ["xnumel", "rnumel"])
     blocks = "xblock, rblock" if spec.domain.is_reduction else "xblock"
     lines += [
         f"    key = {_tuple_names(key)}",
         "    binary = None if jit_only[0] else binaries.get(key)",
         "    if binary is None:",
-        f"        first_launch(key, ({args},), xnumel, rnumel)",
+        f"        first_launch(key, ({jit_args},), xnumel, rnumel)",
         "    else:",
         f"        run, gx, gy, gz, device, function, metadata, {blocks} = binary",
         # (launch metadata, enter hook, exit hook): None, as Triton passes them when no hook is installed
-        f"        run(gx, gy, gz, stream(device), function, metadata, None, None, None, {args}, {blocks})",
+        f"        run(gx, gy, gz, stream(device), function, metadata, None, None, None, {binary_args}, {blocks})",
         f"    return {result}",
     ]
     return "\n".join(lines) + "\n"
