@@ -57,6 +57,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "compile_s": _OPTIONAL_NUMBER,
     "warm_tuning_only_compile_s": _OPTIONAL_NUMBER,
     "warm_compile_s": _OPTIONAL_NUMBER,
+    "warm_aot_cache": (dict, type(None)),
     "warm_cache_hits": _OPTIONAL_NUMBER,
     "warm_cache_misses": _OPTIONAL_NUMBER,
     "graph_breaks": _OPTIONAL_NUMBER,
@@ -65,7 +66,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "wall_s": _NUMBER,
 }
 # Fields added after results were first committed: absent from older files, read as these values.
-ADDED_FIELDS: dict[str, Any] = {"graphopt_off": None, "warm_tuning_only_compile_s": None}
+ADDED_FIELDS: dict[str, Any] = {"graphopt_off": None, "warm_tuning_only_compile_s": None, "warm_aot_cache": None}
 
 
 def new_record(
