@@ -70,6 +70,19 @@ class PlannedView:
         return f"PlannedView({self.op}, size={self.size}, stride={self.stride})"
 
 
+class PlannedAsStrided(PlannedView):
+    """An as_strided with an explicit storage_offset: that offset is into the storage, not relative
+    to the source's own, so the alias's offset does not move with the source's (a graph input may
+    arrive as a view at another storage offset than the traced one)."""
+
+    __module__ = "graphopt.passes.planned_views"
+
+    def __call__(self, source: torch.Tensor, *args: Any) -> torch.Tensor:
+        if source.stride() == self.source_stride:
+            return _reinterpret(source, self.size, self.stride, self.offset_delta - source.storage_offset())
+        return self.op(source, *args)
+
+
 @dataclasses.dataclass(frozen=True)
 class PlannedViewsReport(PassReport):
     planned: int
@@ -99,7 +112,10 @@ def _plan(node: fx.Node) -> PlannedView | str:
         return "symbolic layout"
     if StorageWeakRef(val.untyped_storage()) != StorageWeakRef(src.untyped_storage()):
         return "copies its input"
-    return PlannedView(f"planned_{node.target.__name__.replace('.', '_')}", node.target, source_stride, size, stride, offsets[0] - offsets[1])
+    name = f"planned_{node.target.__name__.replace('.', '_')}"
+    if node.target is aten.as_strided.default and len(node.args) > 3 and node.args[3] is not None:
+        return PlannedAsStrided(name, node.target, source_stride, size, stride, offsets[0])  # absolute offset
+    return PlannedView(name, node.target, source_stride, size, stride, offsets[0] - offsets[1])
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PlannedViewsReport]:

@@ -97,3 +97,17 @@ def test_training_with_planned_views_matches_eager_and_plans_views():
         assert_training_matches_eager(Block(), batches, lambda run, x: run(x).square().mean(), rtol=1e-4, atol=1e-5)
     planned = [r.report.planned for g in graphs for r in g.records if r.name == "planned_views"]
     assert planned and sum(planned) > 0, planned
+
+
+def test_as_strided_offset_is_absolute_for_an_input_at_another_storage_offset():
+    """as_strided's storage_offset is into the storage, not relative to its input's: a graph input that
+    arrives as a view at another offset than the traced one gets ATen's answer, not one shifted by it."""
+    fn = lambda x: x.as_strided((2, 3), (1, 2), 5)  # noqa: E731
+    gm, report = _planned(fn, torch.randn(4, 6))
+    assert report.planned == 1, report
+    base = torch.randn(40)
+    for offset in (0, 3, 7):
+        x = base[offset : offset + 24].view(4, 6)
+        result, expected = gm(x), fn(x)
+        assert result.storage_offset() == expected.storage_offset() == 5
+        torch.testing.assert_close(result, expected, rtol=0, atol=0)
