@@ -92,6 +92,7 @@ class FusedKernel:
             "jit_only": _JIT_ONLY,
             "stream": torch._C._cuda_getCurrentRawStream if torch.cuda.is_available() else None,
             "specialization": _specialization,
+            "span": _span,
         }
         exec(compile(self.launcher_source, f"<graphopt launcher {self.name}>", "exec"), namespace)
         self.launch = namespace["launch"]
@@ -110,14 +111,12 @@ class FusedKernel:
             fn = self._variants[key] = compiler.load_kernel(self.source(persistent, index64), self.spec.kernel_name)
         return fn
 
-    def _first_launch(self, key: tuple[Any, ...], args: tuple[Any, ...], xnumel: int, rnumel: int) -> None:
+    def _first_launch(self, key: tuple[Any, ...], args: tuple[Any, ...], xnumel: int, rnumel: int, index64: bool) -> None:
         """Launch through Triton's JIT (which compiles the variant on first use) and keep the binary
-        it returns, so later calls with the same `key` (sizes and what Triton specializes the
-        arguments on) call the binary's launcher directly, as inductor's launchers do. Under the
-        interpreter, and while a Triton launch hook is installed (proton), every launch comes here."""
-        index64 = xnumel * rnumel >= _INT32_LIMIT or any(
-            isinstance(a, torch.Tensor) and a.numel() >= _INT32_LIMIT for a in args
-        )
+        it returns, so later calls with the same `key` (sizes, whether 64-bit indexing is needed, and
+        what Triton specializes the arguments on) call the binary's launcher directly, as inductor's
+        launchers do. Under the interpreter, and while a Triton launch hook is installed (proton),
+        every launch comes here."""
         if self.spec.domain.is_reduction:
             config = heuristics.reduction_config(xnumel, rnumel, self.inner_reduction)
             blocks = {"XBLOCK": config.xblock, "RBLOCK": config.rblock}
@@ -199,12 +198,51 @@ def _tuple(values: Any) -> str:
     return "(" + "".join(f"{i}, " for i in items) + ")"
 
 
+def _index64(spec: KernelSpec, names: dict[Any, str], sources: dict[sympy.Symbol, str]) -> tuple[str, set[sympy.Symbol]]:
+    """A Python expression over the launcher's names saying whether the kernel needs 64-bit
+    indexing: its domain, or a tensor argument, reaching 2**31 elements or element offsets (a
+    strided tensor's span, 1 + sum((size - 1) * stride), can exceed its numel); and the size
+    symbols it reads. Static terms, and those equal to the domain's size, are decided here; an
+    input size with no symbol of its own to read is measured on the tensor (`span`)."""
+    domain = sympy.expand(sympy.sympify(spec.domain.xnumel) * sympy.sympify(spec.domain.rnumel))
+    checks: dict[str, None] = {}
+    symbols: set[sympy.Symbol] = set()
+    for node in [None, *spec.tensor_inputs, *spec.outputs]:
+        if node is None:
+            exprs = [domain]
+        else:
+            shape, strides = [sympy.sympify(v) for v in shape_of(node)], [sympy.sympify(v) for v in strides_of(node)]
+            numel = sympy.expand(sympy.Mul(*shape))
+            extent = sympy.expand(1 + sum(((n - 1) * st for n, st in zip(shape, strides)), sympy.Integer(0)))
+            exprs = [numel, extent]
+            if any(not e.free_symbols <= sources.keys() for e in exprs):
+                name = names[node] if node in names else f"o{spec.outputs.index(node)}"
+                checks[f"span({name}) >= 2**31"] = None
+                continue
+        for expr in exprs:
+            if not expr.free_symbols:
+                if int(expr) >= _INT32_LIMIT:
+                    return "True", set()
+            elif expr == domain:
+                checks["xnumel * rnumel >= 2**31"] = None
+            else:
+                checks[f"{print_index(expr)} >= 2**31"] = None
+                symbols |= expr.free_symbols
+    return " or ".join(checks) or "False", symbols
+
+
+def _span(t: torch.Tensor) -> int:
+    """The larger of a tensor's numel and the element offsets it spans."""
+    return max(t.numel(), 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())))
+
+
 def _launcher_source(spec: KernelSpec) -> str:
     """The `launch` function of a kernel, written out for its arguments (see FusedKernel)."""
     names = {node: f"a{i}" for i, node in enumerate(spec.inputs)}
     sources = _symbol_sources(spec, names)
     lines = [f"def launch({', '.join(names.values())}):"]
-    for symbol in sorted(needed_symbols(spec), key=str):
+    index64, index64_symbols = _index64(spec, names, sources)
+    for symbol in sorted(needed_symbols(spec) | index64_symbols, key=str):
         lines.append(f"    {symbol} = {sources[symbol]}")
     for node in spec.tensor_inputs:
         if len(shape_of(node)) >= 1:
@@ -225,8 +263,10 @@ def _launcher_source(spec: KernelSpec) -> str:
     # data_ptr() and asks the driver about the address (cuPointerGetAttribute) for every argument.
     pointers = [f"p{i}" for i in range(len(tensor_args) + len(outs))]
     lines.append(f"    {_tuple_names(pointers)} = {_tuple_names([f'{t}.data_ptr()' for t in tensor_args + outs])}")
+    # part of the key: a tensor's size symbols can take it past 32-bit offsets at the same xnumel/rnumel
+    lines.append(f"    index64 = {index64}")
     # outputs come from the caching allocator: always 16-byte aligned, left out of the key
-    key = ["xnumel", "rnumel"] + [f"{p} % 16 == 0" for p in pointers[: len(tensor_args)]]
+    key = ["xnumel", "rnumel", "index64"] + [f"{p} % 16 == 0" for p in pointers[: len(tensor_args)]]
     key += [f"specialization({a})" for a in other_args]
     jit_args = ", ".join(tensor_args + outs + other_args + ["xnumel", "rnumel"])
     binary_args = ", ".join(pointers + other_args + ["xnumel", "rnumel"])
@@ -235,7 +275,7 @@ def _launcher_source(spec: KernelSpec) -> str:
         f"    key = {_tuple_names(key)}",
         "    binary = None if jit_only[0] else binaries.get(key)",
         "    if binary is None:",
-        f"        first_launch(key, ({jit_args},), xnumel, rnumel)",
+        f"        first_launch(key, ({jit_args},), xnumel, rnumel, index64)",
         "    else:",
         f"        run, gx, gy, gz, device, function, metadata, {blocks} = binary",
         # (launch metadata, enter hook, exit hook): None, as Triton passes them when no hook is installed

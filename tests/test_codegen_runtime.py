@@ -103,3 +103,46 @@ def test_compiled_graph_frees_each_input_at_its_last_use():
     assert args == [], "boxed convention: the callee clears the argument list"
     assert freed_when_probed == [True]
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_a_kept_binary_is_not_launched_for_arguments_that_need_64_bit_indexing(monkeypatch):
+    """The launcher keeps the binary of a first launch per sizes and argument specializations. A
+    sliced input whose row stride is a size symbol spans 2**32 elements at the same kernel sizes as
+    a small one: it needs the 64-bit-index variant, not the 32-bit binary the small one kept.
+    (GPU launch path, stubbed: the Triton JIT and the binary's launcher record the variant they run.)"""
+    from fusion_helpers import fuse, kernels
+
+    from graphopt.codegen import compiler
+
+    gm, _ = fuse(lambda x: (x[:, :2] * 2).sum(), torch.randn(16, 64), dynamic=True)
+    (call,) = kernels(gm)
+    kernel = call.primary
+    launched = []  # index64 of the variant each launch ran
+
+    class Binary:
+        def __init__(self, index64):
+            self.packed_metadata = self.function = None
+            self.run = lambda *args: launched.append(index64)
+
+    class Jit:
+        def __init__(self, index64):
+            self.index64 = index64
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(self.index64)
+                return Binary(self.index64)
+
+            return launch
+
+    monkeypatch.setattr(compiler, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(kernel, "_kernel", lambda persistent, index64: Jit(index64))
+    monkeypatch.setitem(kernel.launch.__globals__, "stream", lambda device: 0)
+    small = torch.randn(16, 1024)
+    # 16 rows 2**28 apart over a small storage (never read: the launch is stubbed)
+    huge = torch._C._dynamo.guards._reinterpret_tensor(torch.empty(16), (16, 2**28), (2**28, 1), 0)
+    kernel.launch(small)
+    kernel.launch(small)
+    kernel.launch(huge)
+    assert launched == [False, False, True]
