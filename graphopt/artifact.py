@@ -68,6 +68,13 @@ class GraphoptOutputCode(OutputCode):
         clone.__dict__.update(self.__dict__)
         return clone
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphoptOutputCode:
+        """The same plain copy: its graph's bytes never change and a CompiledGraph is not mutated after
+        compiling, so both are shared. torch deep-copies entries under its precompile
+        (`torch._dynamo.config.caching_precompile`), the saved form inside `no_dispatch()`, where
+        loading through __setstate__ cannot make fake tensors: the entry was not kept at all."""
+        return self.__copy__()
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         try:

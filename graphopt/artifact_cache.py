@@ -21,6 +21,16 @@ something listens to compiles (graphopt.events: the CLI, tests), or bisect selec
 passes. torch's switches turn it off (TORCHINDUCTOR_AUTOGRAD_CACHE=0,
 torch.compiler.config.force_disable_caches). A torch without these APIs compiles as
 before, with one warning.
+
+What a warm process still does is Dynamo's tracing. torch's caching precompile keeps that
+too (`torch._dynamo.config.caching_precompile`, or TORCH_CACHING_PRECOMPILE=1, then
+`torch.compiler.save_cache_artifacts()` after compiling): the next process installs the
+saved bytecode, guards and these same entries at torch.compile, tracing nothing. It works
+with graphopt's entries (tests/test_artifact_cache.py) but graphopt does not turn it on: it
+is global and experimental in torch, its key is the function's name and line only (not the
+backend, graphopt's options or version: a changed option loads the old graph), it drops
+identity guards, and a graph break in code it cannot name (a property's function) is an
+error, not a fallback.
 """
 
 from __future__ import annotations

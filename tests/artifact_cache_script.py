@@ -1,7 +1,10 @@
 """One process of tests/test_artifact_cache.py: compile a small MLP through graphopt, run it on
 fresh random inputs, and print (as JSON) what was compiled and how far it is from eager.
 
-    python artifact_cache_script.py train|infer
+    python artifact_cache_script.py train|infer [precompile]
+
+`precompile`: under torch's caching precompile, which also keeps what Dynamo traced; the
+process saves it at the end (torch.compiler.save_cache_artifacts), as a user does.
 """
 
 import copy
@@ -29,8 +32,10 @@ def counting_compile_graph(gm, example_inputs, kind, *args, **kwargs):
 graphopt.backend.compile_graph = counting_compile_graph
 
 
-def main(mode: str) -> None:
+def main(mode: str, precompile: bool = False) -> None:
     train = mode == "train"
+    if precompile:
+        torch._dynamo.config.caching_precompile = True
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.GELU(), torch.nn.Linear(32, 4)
@@ -51,13 +56,17 @@ def main(mode: str) -> None:
         if train:
             pairs += [(a.grad, b.grad) for a, b in zip(model.parameters(), eager.parameters())]
         worst = max(worst, *(float((a - b).abs().max() / (1e-5 + b.abs().max())) for a, b in pairs))
+    if precompile:
+        torch.compiler.save_cache_artifacts()
     print(json.dumps({
         "compiled": compiled_kinds,
         "aot": dict(counters["aot_autograd"]),
+        "dynamo_cache": dict(counters["dynamo_cache"]),
+        "dynamo_graphs": counters["stats"]["unique_graphs"],  # graphs Dynamo traced in this process
         "kernel_sources": compiler.compiled_sources(),
         "worst_relative_error": worst,
     }))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], precompile=sys.argv[2:] == ["precompile"])

@@ -24,7 +24,7 @@ SCRIPT = Path(__file__).with_name("artifact_cache_script.py")
 TOLERANCE = 1e-4
 
 
-def _process(tmp_path, mode):
+def _process(tmp_path, mode, *flags):
     """One fresh process compiling the MLP: (its JSON report, its stderr)."""
     env = {
         **os.environ,
@@ -32,7 +32,8 @@ def _process(tmp_path, mode):
         "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
         "TRITON_INTERPRET": "1",
     }
-    done = subprocess.run([sys.executable, str(SCRIPT), mode], env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(SCRIPT), mode, *flags]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
@@ -48,6 +49,25 @@ def test_a_second_process_loads_the_compiled_graphs_without_tracing_them(tmp_pat
     assert cold["compiled"] == kinds and cold["aot"].get("autograd_cache_saved") == 1
     assert warm["compiled"] == [] and warm["aot"].get("autograd_cache_hit") == 1  # no AOTAutograd trace, no passes
     assert warm["kernel_sources"] > 0  # the generated kernels were made again and ran
+    assert cold["worst_relative_error"] < TOLERANCE and warm["worst_relative_error"] < TOLERANCE
+
+
+@pytest.mark.skipif(
+    not hasattr(torch._dynamo.config, "caching_precompile") or not hasattr(torch.compiler, "save_cache_artifacts"),
+    reason="this torch has no caching precompile",
+)
+def test_under_torchs_caching_precompile_a_second_process_skips_dynamo_too(tmp_path):
+    """torch's caching precompile (the user's opt-in) keeps the Dynamo trace with graphopt's compiled
+    graphs; it deep-copies them, which must neither load them again nor lose the entry."""
+    cold, cold_stderr = _process(tmp_path, "train", "precompile")
+    warm, _ = _process(tmp_path, "train", "precompile")
+    assert cold["compiled"] == ["forward", "backward"] and cold["aot"].get("autograd_cache_saved") == 1
+    assert "cannot load compiled graph" not in cold_stderr
+    assert cold["dynamo_cache"] == {"dynamo_cache_miss": 1} and cold["dynamo_graphs"] == 1
+    # no Dynamo trace, no AOTAutograd lookup, no passes: the saved package is installed whole
+    assert warm["dynamo_cache"] == {"dynamo_cache_hit": 1} and warm["dynamo_graphs"] == 0
+    assert warm["compiled"] == [] and warm["aot"] == {}
+    assert warm["kernel_sources"] > 0  # graphopt's generated kernels ran, not an eager graph
     assert cold["worst_relative_error"] < TOLERANCE and warm["worst_relative_error"] < TOLERANCE
 
 
