@@ -77,9 +77,13 @@ class PlannedAsStrided(PlannedView):
 
     __module__ = "graphopt.passes.planned_views"
 
+    def __init__(self, name: str, op: Any, source_stride: tuple[int, ...], size: tuple[int, ...], stride: tuple[int, ...], storage_offset: int):
+        super().__init__(name, op, source_stride, size, stride, offset_delta=0)
+        self.storage_offset = storage_offset
+
     def __call__(self, source: torch.Tensor, *args: Any) -> torch.Tensor:
         if source.stride() == self.source_stride:
-            return _reinterpret(source, self.size, self.stride, self.offset_delta - source.storage_offset())
+            return _reinterpret(source, self.size, self.stride, self.storage_offset - source.storage_offset())
         return self.op(source, *args)
 
 
@@ -114,7 +118,7 @@ def _plan(node: fx.Node) -> PlannedView | str:
         return "copies its input"
     name = f"planned_{node.target.__name__.replace('.', '_')}"
     if node.target is aten.as_strided.default and len(node.args) > 3 and node.args[3] is not None:
-        return PlannedAsStrided(name, node.target, source_stride, size, stride, offsets[0])  # absolute offset
+        return PlannedAsStrided(name, node.target, source_stride, size, stride, storage_offset=offsets[0])
     return PlannedView(name, node.target, source_stride, size, stride, offsets[0] - offsets[1])
 
 
