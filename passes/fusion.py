@@ -111,6 +111,8 @@ def _fusable(node: fx.Node, device: torch.device) -> tuple[bool, str | None]:
         return False, None
     if val.device != device:
         return False, f"tensor on {val.device}, graph on {device}"
+    if any(isinstance(size, int) and size == 0 for size in val.shape):
+        return False, None  # empty: nothing to compute, so ATen's call is not a fallback worth a warning
     try:
         codegen.kernel._check_dtype(node)
     except CannotGenerate as e:

@@ -295,3 +295,13 @@ def test_a_failing_kernel_falls_back_for_its_group_only_and_the_model_runs(failu
     assert any(broken[0].__name__ in w and "deliberate" in w for w in warned), warned
     others = [k for k in kernels if k is not broken[0]]
     assert others and all(k.primary.launches > 0 for k in others), "the other groups must still run generated kernels"
+
+
+def test_empty_tensors_run_as_aten_without_a_fallback_warning():
+    """Nothing to compute is not something graphopt failed to compile: no warning to alarm the user."""
+    (out_e, grads_e, *_), (out_g, grads_g, _, _, warned) = run_both(
+        lambda x: (x * 2 + 1).relu().sum(0), lambda: (torch.randn(0, 5),)
+    )
+    torch.testing.assert_close(out_g, out_e, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grads_g, grads_e, rtol=RTOL, atol=ATOL)
+    assert not any("empty" in w for w in warned), warned
