@@ -217,16 +217,16 @@ def _index64(spec: KernelSpec, names: dict[Any, str], sources: dict[sympy.Symbol
             exprs = [numel, extent]
             if any(not e.free_symbols <= sources.keys() for e in exprs):
                 name = names[node] if node in names else f"o{spec.outputs.index(node)}"
-                checks[f"span({name}) >= 2**31"] = None
+                checks[f"span({name}) >= {_INT32_LIMIT}"] = None
                 continue
         for expr in exprs:
             if not expr.free_symbols:
                 if int(expr) >= _INT32_LIMIT:
                     return "True", set()
             elif expr == domain:
-                checks["xnumel * rnumel >= 2**31"] = None
+                checks[f"xnumel * rnumel >= {_INT32_LIMIT}"] = None
             else:
-                checks[f"{print_index(expr)} >= 2**31"] = None
+                checks[f"{print_index(expr)} >= {_INT32_LIMIT}"] = None
                 symbols |= expr.free_symbols
     return " or ".join(checks) or "False", symbols
 
