@@ -19,8 +19,8 @@ import argparse
 import contextlib
 import gc
 import importlib
-import logging
 import json
+import logging
 import os
 import statistics
 import sys
