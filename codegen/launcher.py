@@ -4,7 +4,8 @@
 fusion report and the CLI show (Triton source, original nodes, cost estimate)
 and a small generated Python function, `launch`, that per call reads the size
 symbols off its inputs, allocates outputs with exactly the layout the graph's
-meta['val'] promised, and launches the kernel. The first call at given sizes and
+meta['val'] promised (or makes them as aliases of dead buffers the graph passes as
+`reuse=`, passes/buffer_reuse.py), and launches the kernel. The first call at given sizes and
 argument specializations goes through Triton's JIT with a configuration chosen
 for those sizes (kernel variants, persistent or looped reduction, 32- or 64-bit
 indexing, are rendered and compiled on first use, once per process); later calls
@@ -86,6 +87,7 @@ class FusedKernel:
             "torch": torch,
             "relayout": relayout,
             "empty": allocator(_device(spec)),
+            "reinterpret": torch._C._dynamo.guards._reinterpret_tensor,
             "kernel": self,
             "binaries": self._binaries,
             "first_launch": self._first_launch,
@@ -240,7 +242,7 @@ def _launcher_source(spec: KernelSpec) -> str:
     """The `launch` function of a kernel, written out for its arguments (see FusedKernel)."""
     names = {node: f"a{i}" for i, node in enumerate(spec.inputs)}
     sources = _symbol_sources(spec, names)
-    lines = [f"def launch({', '.join(names.values())}):"]
+    lines = [f"def launch({''.join(f'{n}, ' for n in names.values())}reuse=None):"]
     index64, index64_symbols = _index64(spec, names, sources)
     for symbol in sorted(needed_symbols(spec) | index64_symbols, key=str):
         lines.append(f"    {symbol} = {sources[symbol]}")
@@ -248,10 +250,16 @@ def _launcher_source(spec: KernelSpec) -> str:
         if len(shape_of(node)) >= 1:
             name, stride = names[node], _tuple(strides_of(node))
             lines.append(f"    if {name}.stride() != {stride}: {name} = relayout({name}, {stride})")
-    outs = []
-    for i, node in enumerate(spec.outputs):
-        lines.append(f"    o{i} = empty({_tuple(shape_of(node))}, {_tuple(strides_of(node))}, {node.meta['val'].dtype})")
-        outs.append(f"o{i}")
+    outs = [f"o{i}" for i in range(len(spec.outputs))]
+    allocations = [f"empty({_tuple(shape_of(n))}, {_tuple(strides_of(n))}, {n.meta['val'].dtype})" for n in spec.outputs]
+    # reuse: per output, a dead buffer of its size to write into, or None (passes/buffer_reuse.py)
+    lines.append("    if reuse is None:")
+    lines += [f"        {o} = {alloc}" for o, alloc in zip(outs, allocations)]
+    lines.append("    else:")
+    lines.append(f"        {_tuple_names([f'r{i}' for i in range(len(outs))])} = reuse")
+    for i, (o, alloc, node) in enumerate(zip(outs, allocations, spec.outputs)):
+        reinterpret = f"reinterpret(r{i}, {_tuple(shape_of(node))}, {_tuple(strides_of(node))}, 0)"
+        lines.append(f"        {o} = {alloc} if r{i} is None else {reinterpret}")
     result = outs[0] if len(outs) == 1 else _tuple_names(outs)
     xnumel, rnumel = print_index(spec.domain.xnumel), print_index(spec.domain.rnumel)
     lines.append(f"    xnumel, rnumel = {xnumel}, {rnumel}")
@@ -265,7 +273,8 @@ def _launcher_source(spec: KernelSpec) -> str:
     lines.append(f"    {_tuple_names(pointers)} = {_tuple_names([f'{t}.data_ptr()' for t in tensor_args + outs])}")
     # part of the key: a tensor's size symbols can take it past 32-bit offsets at the same xnumel/rnumel
     lines.append(f"    index64 = {index64}")
-    # outputs come from the caching allocator: always 16-byte aligned, left out of the key
+    # outputs come from the caching allocator, or are a dead buffer's storage from its start
+    # (passes/buffer_reuse.py): always 16-byte aligned, left out of the key
     key = ["xnumel", "rnumel", "index64"] + [f"{p} % 16 == 0" for p in pointers[: len(tensor_args)]]
     key += [f"specialization({a})" for a in other_args]
     jit_args = ", ".join(tensor_args + outs + other_args + ["xnumel", "rnumel"])

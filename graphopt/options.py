@@ -88,6 +88,12 @@ class Options:
         "True | False",
         "run views whose layout is static as a stride check and an alias instead of an ATen call (less host time)",
     )
+    reuse_buffers: bool = _option(
+        True,
+        _as_bool,
+        "True | False",
+        "write generated kernels' outputs into buffers that died earlier in the graph when that does not raise the estimated peak (fewer allocations)",
+    )
     debug_dir: str | None = _option(
         None,
         _as_optional_path,

@@ -33,6 +33,8 @@ class GuardedCall:
     the node in dumps and fallback warnings. A primary with a `launch` function (a
     FusedKernel's generated launcher) is called through it: one Python frame less per
     kernel call, which on a GPU host is a measurable share of a small kernel's launch.
+    `reuse` (dead buffers for the outputs, passes/buffer_reuse.py) goes to a launcher only:
+    any other primary, and the eager fallback, allocate their own outputs.
     """
 
     __module__ = "graphopt.runtime"
@@ -41,14 +43,14 @@ class GuardedCall:
         self.__name__ = name
         self.__qualname__ = name
         self.primary = primary
-        self._call_primary = getattr(primary, "launch", primary)
+        self._call_primary = getattr(primary, "launch", None) or _without_reuse(primary)
         self.fallback = fallback
         self.failed_reason: str | None = None
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, reuse: tuple[Any, ...] | None = None) -> Any:
         if self.failed_reason is None:
             try:
-                return self._call_primary(*args)
+                return self._call_primary(*args, reuse=reuse)
             except Exception as e:  # any failure of generated code must not kill the model
                 self.failed_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 warn_fallback(self.__name__, self.failed_reason)
@@ -56,6 +58,13 @@ class GuardedCall:
 
     def __repr__(self) -> str:
         return f"GuardedCall({self.__name__})"
+
+
+def _without_reuse(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, reuse: tuple[Any, ...] | None = None) -> Any:
+        return fn(*args)
+
+    return call
 
 
 class CudaGraphRunner:

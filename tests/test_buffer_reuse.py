@@ -1,0 +1,135 @@
+"""Buffer reuse: kernel outputs written into dead buffers give eager's results, and only dead ones are taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fusion_helpers import fuse, kernels
+from helpers import assert_training_matches_eager
+
+from graphopt import events
+from graphopt.options import Options
+from graphopt.passes import buffer_reuse
+from graphopt.pipeline import PassContext
+
+
+def _reused(fn, *inputs, dynamic=False):
+    gm, _ = fuse(fn, *inputs, dynamic=dynamic)
+    ctx = PassContext(options=Options(), graph_name="g0_test", kind="inference", example_inputs=inputs)
+    gm, report = buffer_reuse.run(gm, ctx)
+    gm.graph.lint()
+    return gm, report
+
+
+def _donors(gm):
+    """(recipient kernel, donor node name) for each reused output."""
+    return [(n.target.__name__, r.name) for n in gm.graph.nodes if "reuse" in n.kwargs for r in n.kwargs["reuse"] if r is not None]
+
+
+def _chain(x, w):
+    a = torch.relu(x) * 2
+    b = torch.sigmoid(a @ w) + 1
+    c = torch.tanh(b @ w) - 3
+    return torch.exp((c @ w) * 0.1)
+
+
+def test_chain_writes_each_kernel_into_the_previous_ones_buffer_and_matches_eager():
+    x, w = torch.randn(8, 16), torch.randn(16, 16)
+    gm, report = _reused(_chain, x, w)
+    assert (report.kernel_outputs, report.reused) == (4, 3), report
+    assert report.reused_bytes == 3 * 8 * 16 * 4
+    fresh_x, fresh_w = torch.randn(8, 16), torch.randn(16, 16)
+    torch.testing.assert_close(gm(fresh_x, fresh_w), _chain(fresh_x, fresh_w), rtol=1e-5, atol=1e-6)
+    assert all(k.failed_reason is None and k.primary.launches for k in kernels(gm))
+
+
+def _view_read_late(x, w):
+    a = torch.relu(x) + 1  # kernel 0
+    a_t = a.t()  # a view made now, read by the last product: a's buffer is alive until then
+    b = torch.sigmoid(a @ w) * 3  # kernel 1: the same size as a
+    return b @ a_t
+
+
+def test_a_buffer_read_later_through_a_view_is_not_taken():
+    x, w = torch.randn(8, 8), torch.randn(8, 8)
+    gm, report = _reused(_view_read_late, x, w)
+    assert report.reused == 0, (report, gm.code)
+    fresh = torch.randn(8, 8)
+    torch.testing.assert_close(gm(fresh, w), _view_read_late(fresh, w), rtol=1e-5, atol=1e-6)
+
+
+def _returned_early(x, w):
+    a = torch.relu(x) + 1  # a graph output: its buffer never returns to the pool
+    b = torch.sigmoid(a @ w) * 3
+    return a, b
+
+
+def test_graph_outputs_and_inputs_are_never_donors():
+    x, w = torch.randn(8, 8), torch.randn(8, 8)
+    gm, report = _reused(_returned_early, x, w)
+    assert report.reused == 0, (report, gm.code)
+    fresh = torch.randn(8, 8)
+    for got, want in zip(gm(fresh, w), _returned_early(fresh, w)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _big_product_between(x, w1, w2):
+    a = torch.relu(x) + 1  # (8, 8); dies in the first product
+    big = (a @ w1) @ w2  # (8, 16) then (8, 4096): the graph's peak is while that is made, after a died
+    return torch.sigmoid(big.sum(1, keepdim=True).expand(8, 8)) * 2  # (8, 8) again
+
+
+def test_a_buffer_kept_alive_over_the_peak_is_not_taken():
+    x, w1, w2 = torch.randn(8, 8), torch.randn(8, 16) / 8, torch.randn(16, 4096) / 4096
+    gm, report = _reused(_big_product_between, x, w1, w2)
+    assert report.reused == 0 and report.kept.get("would raise the estimated peak") == 1, report
+    torch.testing.assert_close(gm(x, w1, w2), _big_product_between(x, w1, w2), rtol=1e-4, atol=1e-5)
+
+
+def test_symbolic_sizes_reuse_by_expression_and_run_at_a_new_size():
+    x, w = torch.randn(8, 16), torch.randn(16, 16)
+    gm, report = _reused(_chain, x, w, dynamic=True)
+    assert report.reused == 3, report
+    for rows in (5, 11):
+        fresh = torch.randn(rows, 16)
+        torch.testing.assert_close(gm(fresh, w), _chain(fresh, w), rtol=1e-5, atol=1e-6)
+
+
+def test_a_donor_whose_kernel_fell_back_still_gives_eager_results():
+    """The eager fallback's output owns its storage as the kernel's did: the recipient may take it."""
+    x, w = torch.randn(8, 16), torch.randn(16, 16)
+    gm, report = _reused(_chain, x, w)
+    first = kernels(gm)[0]
+    first.failed_reason = "test: the kernel failed"
+    fresh_x = torch.randn(8, 16)
+    torch.testing.assert_close(gm(fresh_x, w), _chain(fresh_x, w), rtol=1e-5, atol=1e-6)
+    assert all(k.primary.launches for k in kernels(gm)[1:])
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + torch.nn.functional.gelu(layer(self.norm(x)))
+        return x
+
+
+def test_training_with_reuse_matches_eager_forward_and_backward():
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 16) for _ in range(2)]
+    with events.capture() as graphs:
+        assert_training_matches_eager(_Mlp(), batches, lambda run, x: run(x).square().mean(), rtol=1e-4, atol=1e-5)
+    reports = {g.kind: r.report for g in graphs for r in g.records if r.name == "buffer_reuse"}
+    assert reports.keys() == {"forward", "backward"}, reports
+    assert reports["backward"].reused > 0, reports
+
+
+@pytest.mark.parametrize("options", [{"reuse_buffers": False}, {"fusion": False}])
+def test_reuse_off_runs_no_reuse_pass(options):
+    with events.capture() as graphs:
+        torch.compile(_Mlp(), backend="graphopt", options=options)(torch.randn(4, 16))
+    assert graphs and not any(r.name == "buffer_reuse" for g in graphs for r in g.records)
