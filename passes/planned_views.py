@@ -73,16 +73,20 @@ class PlannedView:
 class PlannedAsStrided(PlannedView):
     """An as_strided with an explicit storage_offset: that offset is into the storage, not relative
     to the source's own, so the alias's offset does not move with the source's (a graph input may
-    arrive as a view at another storage offset than the traced one)."""
+    arrive as a view at another storage offset than the traced one). Nor is the alias inside the
+    source's elements, so unlike the other views it may reach past a smaller storage than the
+    traced one: then ATen's call raises its bounds error (_reinterpret_tensor does not check)."""
 
     __module__ = "graphopt.passes.planned_views"
 
-    def __init__(self, name: str, op: Any, source_stride: tuple[int, ...], size: tuple[int, ...], stride: tuple[int, ...], storage_offset: int):
+    def __init__(self, name: str, op: Any, source_stride: tuple[int, ...], size: tuple[int, ...], stride: tuple[int, ...], storage_offset: int, itemsize: int):
         super().__init__(name, op, source_stride, size, stride, offset_delta=0)
         self.storage_offset = storage_offset
+        span = 1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else 0
+        self.storage_bytes = (storage_offset + span) * itemsize
 
     def __call__(self, source: torch.Tensor, *args: Any) -> torch.Tensor:
-        if source.stride() == self.source_stride:
+        if source.stride() == self.source_stride and source.untyped_storage().nbytes() >= self.storage_bytes:
             return _reinterpret(source, self.size, self.stride, self.storage_offset - source.storage_offset())
         return self.op(source, *args)
 
@@ -118,7 +122,7 @@ def _plan(node: fx.Node) -> PlannedView | str:
         return "copies its input"
     name = f"planned_{node.target.__name__.replace('.', '_')}"
     if node.target is aten.as_strided.default and len(node.args) > 3 and node.args[3] is not None:
-        return PlannedAsStrided(name, node.target, source_stride, size, stride, storage_offset=offsets[0])
+        return PlannedAsStrided(name, node.target, source_stride, size, stride, offsets[0], val.dtype.itemsize)
     return PlannedView(name, node.target, source_stride, size, stride, offsets[0] - offsets[1])
 
 

@@ -111,3 +111,17 @@ def test_as_strided_offset_is_absolute_for_an_input_at_another_storage_offset():
         result, expected = gm(x), fn(x)
         assert result.storage_offset() == expected.storage_offset() == 5
         torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
+def test_as_strided_past_the_end_of_a_smaller_storage_raises_as_eager_does():
+    """Traced on an input whose storage reaches far enough; a same-shape input whose storage ends
+    before the alias's last element must raise ATen's bounds error, not read past the storage."""
+    fn = lambda x: x.as_strided((2, 3), (1, 2), 30)  # noqa: E731
+    traced = torch.randn(40)[10:34].view(4, 6)
+    gm, report = _planned(fn, traced)
+    assert report.planned == 1, report
+    small = torch.randn(4, 6)  # storage of 24 elements: offset 30 is out of bounds
+    with pytest.raises(RuntimeError, match="out of bounds for storage"):
+        fn(small)
+    with pytest.raises(RuntimeError, match="out of bounds for storage"):
+        gm(small)
