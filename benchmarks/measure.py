@@ -166,11 +166,14 @@ def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callab
         record["graph_breaks"] = _graph_breaks()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            allocations = torch.cuda.memory_stats(device)["allocation.all.allocated"]
         times = timing.time_steps(step, 1 + record["warmup"], record["steps"], device)
         record["step_ms"] = times
         record["step_ms_median"] = statistics.median(times)
         if device.type == "cuda":
             record["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+            allocated = torch.cuda.memory_stats(device)["allocation.all.allocated"] - allocations
+            record["allocations_per_step"] = allocated / len(times)
         save()
         if row.backend == "graphopt" and backends.supports_warm_cache():
             del compiled, step

@@ -54,6 +54,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "step_ms_median": _OPTIONAL_NUMBER,
     "step_ms": (list,),
     "peak_bytes": _OPTIONAL_NUMBER,
+    "allocations_per_step": _OPTIONAL_NUMBER,  # caching-allocator allocations (CUDA), host work per step
     "compile_s": _OPTIONAL_NUMBER,
     "warm_tuning_only_compile_s": _OPTIONAL_NUMBER,
     "warm_compile_s": _OPTIONAL_NUMBER,
@@ -66,7 +67,12 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "wall_s": _NUMBER,
 }
 # Fields added after results were first committed: absent from older files, read as these values.
-ADDED_FIELDS: dict[str, Any] = {"graphopt_off": None, "warm_tuning_only_compile_s": None, "warm_aot_cache": None}
+ADDED_FIELDS: dict[str, Any] = {
+    "graphopt_off": None,
+    "warm_tuning_only_compile_s": None,
+    "warm_aot_cache": None,
+    "allocations_per_step": None,
+}
 
 
 def new_record(
