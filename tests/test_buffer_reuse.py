@@ -58,6 +58,21 @@ def test_a_buffer_read_later_through_a_view_is_not_taken():
     torch.testing.assert_close(gm(fresh, w), _view_read_late(fresh, w), rtol=1e-5, atol=1e-6)
 
 
+def test_aliasing_comes_from_what_nodes_do_not_from_stale_fake_storages():
+    """A pass that replaces a node leaves its users' meta['val'] on the old node's storage: a view
+    whose fake tensor no longer shares its input's storage must still keep that buffer alive."""
+    x, w = torch.randn(8, 8), torch.randn(8, 8)
+    gm, _ = fuse(_view_read_late, x, w)
+    (view,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.t.default]
+    val = view.meta["val"]
+    view.meta["val"] = val.new_empty_strided(val.shape, val.stride())  # same layout, a storage of its own
+    ctx = PassContext(options=Options(), graph_name="g0_test", kind="inference", example_inputs=[x, w])
+    gm, report = buffer_reuse.run(gm, ctx)
+    assert report.reused == 0, (report, gm.code)
+    fresh = torch.randn(8, 8)
+    torch.testing.assert_close(gm(fresh, w), _view_read_late(fresh, w), rtol=1e-5, atol=1e-6)
+
+
 def _returned_early(x, w):
     a = torch.relu(x) + 1  # a graph output: its buffer never returns to the pool
     b = torch.sigmoid(a @ w) * 3
