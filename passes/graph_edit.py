@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
@@ -25,5 +26,15 @@ def call_with_meta(graph: fx.Graph, target: Any, *args: Any, **kwargs: Any) -> f
     node = graph.call_function(target, args, kwargs)
     vals, kwvals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
     with fake_mode_of(args):
-        node.meta["val"] = target(*vals, **kwvals)
+        val = target(*vals, **kwvals)
+    node.meta["val"] = _without_base(val)
     return node
+
+
+def _without_base(val: Any) -> Any:
+    """A view's FakeTensor as one over the same storage with no autograd base, as AOTAutograd's
+    graphs hold them: a view keeps its base's fake mode, which torch's GraphPickler cannot write,
+    so a graph holding one could not be kept in the AOTAutograd cache (graphopt/artifact.py)."""
+    if isinstance(val, torch.Tensor) and val._base is not None:
+        return val.detach()
+    return val

@@ -64,6 +64,19 @@ def test_padded_product_equals_original(case, dtype):
     assert actual.stride() == expected.stride(), "the padded product keeps the original layout"
 
 
+def test_padded_graph_pickles_for_the_compiled_graph_cache():
+    """The slice a padded product returns has a fake value that torch's GraphPickler can write: a
+    view's FakeTensor keeps its base's fake mode, which cannot pickle, so the graph of every padded
+    model (GPT-2's LM head) failed to go into the AOTAutograd cache."""
+    from graphopt import artifact
+
+    a, b = torch.randn(16, 32), torch.randn(32, 61)
+    gm, padded = _pad(lambda a, b: a @ b, a, b)
+    assert len(padded) == 1
+    loaded = artifact._loads(artifact._dumps(gm))
+    torch.testing.assert_close(loaded(a, b), a @ b, rtol=1e-5, atol=1e-5)
+
+
 def test_aligned_products_are_left_alone():
     a, b = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(32, 64, dtype=torch.bfloat16)
     gm, padded = _pad(lambda a, b: a @ b, a, b)
