@@ -26,13 +26,15 @@ def device_name(device: torch.device) -> str:
 
 
 def versions() -> dict[str, str | None]:
-    """Installed versions of the packages a result depends on (None: not installed)."""
+    """Installed versions of the packages a result depends on (None: not installed). torch's is its
+    build's (`2.11.0+cu130`), which the package metadata shortens to `2.11.0`."""
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
+    found["torch"] = torch.__version__
     found["cuda"] = torch.version.cuda
     return found
 
