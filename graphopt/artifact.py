@@ -129,7 +129,10 @@ def _dumps(gm: fx.GraphModule) -> bytes:
         if node.op == "call_function" and type(node.target).__module__.startswith("graphopt."):
             picklable.add_submodule(node.name, _Held(node.target))
             _replace(graph, node, "call_module", node.name)
-    return GraphPickler.dumps(picklable, Options(node_metadata_key_filter=_kept_meta))
+    # every op namespace, not only aten (torch's default filter): passes add prims ops (fusion's split
+    # reductions convert their fp32 partial sums back), and an op that is gone when loading fails the
+    # load, which compiles the graph again
+    return GraphPickler.dumps(picklable, Options(ops_filter=None, node_metadata_key_filter=_kept_meta))
 
 
 def _kept_meta(key: str) -> bool:

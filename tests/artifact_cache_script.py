@@ -1,12 +1,17 @@
-"""One process of tests/test_artifact_cache.py: compile a small MLP through graphopt, run it on
-fresh random inputs, and print (as JSON) what was compiled and how far it is from eager.
+"""One process of tests/test_artifact_cache.py: compile a model through graphopt, run it on fresh
+random inputs, and print (as JSON) what was compiled and how far it is from the model in float64.
 
-    python artifact_cache_script.py train|infer [precompile]
+    python artifact_cache_script.py train|infer [mlp|gpt2|split-sums] [precompile]
 
-`precompile`: under torch's caching precompile, which also keeps what Dynamo traced; the
-process saves it at the end (torch.compiler.save_cache_artifacts), as a user does.
+mlp (the default): a small MLP in float32. gpt2: a two-layer GPT-2 of transformers, dropout off.
+split-sums: the MLP on 4096 rows under bf16 autocast, so that the fusion pass splits the backward's
+bias-gradient sums into chunks, adding a view and a prims conversion to the graph (as GPT-2's
+training step on a GPU does). `precompile`: under torch's caching precompile, which also keeps
+what Dynamo traced; the process saves it at the end (torch.compiler.save_cache_artifacts), as a
+user does.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -32,29 +37,56 @@ def counting_compile_graph(gm, example_inputs, kind, *args, **kwargs):
 graphopt.backend.compile_graph = counting_compile_graph
 
 
-def main(mode: str, precompile: bool = False) -> None:
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+
+
+def _gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+    )
+    return GPT2LMHeadModel(config)
+
+
+# model name: (build, fresh inputs, autocast to bf16)
+MODELS = {
+    "mlp": (_mlp, lambda: torch.randn(8, 16), False),
+    "gpt2": (_gpt2, lambda: torch.randint(0, 64, (2, 16)), False),
+    "split-sums": (_mlp, lambda: torch.randn(4096, 16), True),
+}
+
+
+def _logits(out):
+    return getattr(out, "logits", out)
+
+
+def main(mode: str, model_name: str = "mlp", precompile: bool = False) -> None:
     train = mode == "train"
     if precompile:
         torch._dynamo.config.caching_precompile = True
+    build, make_input, bf16 = MODELS[model_name]
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.GELU(), torch.nn.Linear(32, 4)
-    )
-    eager = copy.deepcopy(model)
+    model = build()
+    oracle = copy.deepcopy(model).double()  # not eager: under bf16 autocast, eager strays further
     compiled = torch.compile(model, backend="graphopt")
     worst = 0.0
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh inputs in every process
     for _ in range(2):
-        x = torch.randn(8, 16)
+        x = make_input()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with torch.set_grad_enabled(train):
-            outs = [compiled(x), eager(x)]
-            if train:
-                for m, out in zip((model, eager), outs):
-                    m.zero_grad()
-                    out.square().sum().backward()
-        pairs = [(outs[0].detach(), outs[1].detach())]
+            with autocast:
+                out = _logits(compiled(x)).float()
+            expected = _logits(oracle(x.double() if x.is_floating_point() else x))
+        pairs = [(out.detach(), expected.detach())]
         if train:
-            pairs += [(a.grad, b.grad) for a, b in zip(model.parameters(), eager.parameters())]
+            for m, o in ((model, out), (oracle, expected)):
+                m.zero_grad()
+                o.square().sum().backward()
+            pairs += [(a.grad, b.grad) for a, b in zip(model.parameters(), oracle.parameters())]
         worst = max(worst, *(float((a - b).abs().max() / (1e-5 + b.abs().max())) for a, b in pairs))
     if precompile:
         torch.compiler.save_cache_artifacts()
@@ -69,4 +101,6 @@ def main(mode: str, precompile: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], precompile=sys.argv[2:] == ["precompile"])
+    flags = sys.argv[2:]
+    model_name = next((f for f in flags if f in MODELS), "mlp")
+    main(sys.argv[1], model_name, precompile="precompile" in flags)

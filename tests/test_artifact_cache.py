@@ -1,5 +1,5 @@
 """Compiled graphs kept in torch's AOTAutograd cache (graphopt/artifact_cache.py): a second
-process loads them instead of tracing and compiling, and computes what eager computes; an
+process loads them instead of tracing and compiling, and computes what the model computes; an
 entry that cannot be loaded is compiled again, with a warning; a torch without the API, or a
 compile someone listens to, compiles as before."""
 
@@ -20,12 +20,14 @@ from graphopt.artifact import GraphoptOutputCode
 from graphopt.cache import CacheWarning
 
 SCRIPT = Path(__file__).with_name("artifact_cache_script.py")
-# float32; generated kernels may reassociate reductions: relative to the largest eager value
+# against the model in float64, relative to its largest value: float32 (generated kernels may
+# reassociate reductions), and bf16 autocast
 TOLERANCE = 1e-4
+BF16_TOLERANCE = 2e-2
 
 
 def _process(tmp_path, mode, *flags):
-    """One fresh process compiling the MLP: (its JSON report, its stderr)."""
+    """One fresh process compiling a model of the script (the MLP by default): (its JSON report, its stderr)."""
     env = {
         **os.environ,
         "GRAPHOPT_CACHE_DIR": str(tmp_path / "graphopt"),
@@ -42,14 +44,24 @@ def _entries(tmp_path):
     return sorted((tmp_path / "inductor" / "aotautograd").glob("*/*"))
 
 
-@pytest.mark.parametrize("mode, kinds", [("train", ["forward", "backward"]), ("infer", ["inference"])])
-def test_a_second_process_loads_the_compiled_graphs_without_tracing_them(tmp_path, mode, kinds):
-    cold, _ = _process(tmp_path, mode)
-    warm, _ = _process(tmp_path, mode)
-    assert cold["compiled"] == kinds and cold["aot"].get("autograd_cache_saved") == 1
+@pytest.mark.parametrize(
+    "mode, model, kinds, tolerance",
+    [
+        ("train", "mlp", ["forward", "backward"], TOLERANCE),
+        ("infer", "mlp", ["inference"], TOLERANCE),
+        ("train", "gpt2", ["forward", "backward"], TOLERANCE),
+        # graphs in which passes added views and a prims op, which torch's pickler could not write
+        ("train", "split-sums", ["forward", "backward"], BF16_TOLERANCE),
+    ],
+)
+def test_a_second_process_loads_the_compiled_graphs_without_tracing_them(tmp_path, mode, model, kinds, tolerance):
+    cold, cold_stderr = _process(tmp_path, mode, model)
+    warm, _ = _process(tmp_path, mode, model)
+    assert cold["compiled"] == kinds
+    assert cold["aot"].get("autograd_cache_saved") == 1, cold_stderr[-3000:]  # graphopt warns why not
     assert warm["compiled"] == [] and warm["aot"].get("autograd_cache_hit") == 1  # no AOTAutograd trace, no passes
     assert warm["kernel_sources"] > 0  # the generated kernels were made again and ran
-    assert cold["worst_relative_error"] < TOLERANCE and warm["worst_relative_error"] < TOLERANCE
+    assert cold["worst_relative_error"] < tolerance and warm["worst_relative_error"] < tolerance
 
 
 @pytest.mark.skipif(
