@@ -68,3 +68,20 @@ DYNAMO_LIMITED: dict[tuple[str, str], str] = {
     ('unique', 'float32'): "Dynamo captured no graph for graphopt: Dynamic shape operator Explanation: Operator `aten._unique2.default`'s output shape depends on input Tensor data.",
     ('unique_consecutive', 'float32'): "Dynamo captured no graph for graphopt: Dynamic shape operator Explanation: Operator `aten.unique_consecutive.default`'s output shape depends on input Tensor data.",
 }
+
+# The lists above are CI's torch (2.13). Under torch 2.11 (the GPU machines') these end otherwise,
+# none through graphopt's code: 2.11's Dynamo graph-breaks on quantile's data-dependent check, and
+# 2.11's OpInfo draws other sample values, on which graphopt's bf16 gradients (the same decomposed
+# graphs and kernels as under 2.13) land outside twice eager's distance from the float64 oracle
+# (xlogy: the decomposition rounds each term to bf16 before a sum that cancels; eager rounds log(y)).
+TORCH_2_11_FAILURES: dict[tuple[str, str], str] = {
+    ('atanh', 'bfloat16'): "_Mismatch: gradient[0]: ['', 'Mismatched elements: 3 / 400 (0.8%)']",
+    ('pow', 'bfloat16'): "_Mismatch: gradient[5]: ['', 'Mismatched elements: 1 / 5 (20.0%)']",
+    ('special.xlog1py', 'bfloat16'): "_Mismatch: gradient[4]: ['', 'Mismatched elements: 1 / 5 (20.0%)']",
+    ('xlogy', 'bfloat16'): "_Mismatch: gradient[4]: ['', 'Mismatched elements: 1 / 5 (20.0%)']",
+}
+
+TORCH_2_11_DYNAMO_LIMITED: dict[tuple[str, str], str] = {
+    ('nanquantile', 'float32'): 'Dynamo captured no graph for graphopt: Data dependent operator Explanation: Operator `aten.equal.default` has a non-Tensor output whose value is dependent on the data of Tensor inputs.',
+    ('quantile', 'float32'): 'Dynamo captured no graph for graphopt: Data dependent operator Explanation: Operator `aten.equal.default` has a non-Tensor output whose value is dependent on the data of Tensor inputs.',
+}

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 from conformance import hidden_crash, nearer_than_eager
-from opinfo_expectations import DYNAMO_LIMITED, FAILURES
+from opinfo_expectations import DYNAMO_LIMITED, FAILURES, TORCH_2_11_DYNAMO_LIMITED, TORCH_2_11_FAILURES
 from torch._dynamo.utils import counters
 from torch.testing._internal.common_methods_invocations import op_db
 from torch.testing._internal.opinfo.core import BinaryUfuncInfo, ReductionOpInfo, UnaryUfuncInfo
@@ -34,6 +34,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from graphopt import events
 from graphopt.fallback import fallbacks
+
+if torch.__version__.startswith("2.11."):
+    FAILURES = {**FAILURES, **TORCH_2_11_FAILURES}
+    DYNAMO_LIMITED = {**DYNAMO_LIMITED, **TORCH_2_11_DYNAMO_LIMITED}
 
 MAX_SAMPLES = 3  # the first samples of each op (compiled together): keeps the sweep inside its CI budget
 
