@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 from graphopt.codegen.indexing import product, same, size_expr
 from graphopt.cost_model.roofline import size_hint
 from graphopt.passes.planned_views import PlannedView
-from graphopt.pipeline import PassContext, PassReport
+from graphopt.pipeline import GraphKind, PassContext, PassReport
 from graphopt.runtime import GuardedCall
 
 aten = torch.ops.aten
@@ -158,13 +158,14 @@ class _Storages:
 @dataclasses.dataclass
 class _Lifetimes:
     """Per storage: the position of the node that made it, of its last reader, its bytes (as
-    made, sizes hinted); the storages the graph returns; those it may not give away (inputs,
-    constants, returned, read by nodes graphopt cannot read)."""
+    made, sizes hinted); the storages alive until the graph returns (returned, or inputs their
+    owners hold); those it may not give away (inputs, constants, returned, read by nodes
+    graphopt cannot read)."""
 
     created: dict[int, int]
     last_use: dict[int, int]
     nbytes: dict[int, int]
-    returned: set[int]
+    to_end: set[int]
     pinned: set[int]
 
 
@@ -175,7 +176,16 @@ def _nbytes(val: Any) -> int:
     return max(span, 0) * val.dtype.itemsize if all(size_hint(n) for n in val.shape) else 0
 
 
-def _lifetimes(nodes: list[fx.Node], storages: _Storages) -> _Lifetimes:
+def _held(node: fx.Node, kind: GraphKind) -> bool:
+    """Whether an input stays alive through the whole graph: the runtime drops its reference after
+    the last read (boxed), but the caller of a forward or inference graph holds its arguments and
+    the module its parameters and constants. A backward graph's saved activations and tangents are
+    AOTAutograd's alone; the forward inputs it saved as they came (AOTAutograd names them
+    primals_*) are still held by their owners."""
+    return node.op == "get_attr" or kind != "backward" or str(node.target).startswith("primals")
+
+
+def _lifetimes(nodes: list[fx.Node], storages: _Storages, kind: GraphKind) -> _Lifetimes:
     pos_of = {node: pos for pos, node in enumerate(nodes)}
     life = _Lifetimes({}, {}, {}, set(), set(storages.unknown))
     for i, node in storages.made_at.items():
@@ -188,22 +198,24 @@ def _lifetimes(nodes: list[fx.Node], storages: _Storages) -> _Lifetimes:
             life.nbytes[i] = _nbytes(vals)
         if node.op in ("placeholder", "get_attr"):
             life.pinned.add(i)
+            if _held(node, kind):
+                life.to_end.add(i)
     for pos, node in enumerate(nodes):
         read = storages.read(node)
         for i in read:
             life.last_use[i] = pos
         if node.op == "output":
-            life.returned.update(read)
+            life.to_end.update(read)
             life.pinned.update(read)
     return life
 
 
 def _peak_profile(count: int, life: _Lifetimes) -> list[int]:
-    """Estimated bytes alive while each node runs: every storage from its making to its last read
-    (returned ones to the end), as the runtime frees each value, inputs too, after its last use."""
+    """Estimated bytes alive while each node runs: every storage from its making to its last read,
+    as the runtime frees each value after its last use, or to the end (returned, or held: `_held`)."""
     delta = [0] * (count + 1)
     for i, start in life.created.items():
-        stop = count - 1 if i in life.returned else life.last_use[i]
+        stop = count - 1 if i in life.to_end else life.last_use[i]
         delta[start] += life.nbytes[i]
         delta[stop + 1] -= life.nbytes[i]
     live, total = [], 0
@@ -238,11 +250,11 @@ class _Buffer:
 class _Planner:
     """The walk over the graph: the pool of dead buffers, and the live-bytes estimate it must not raise."""
 
-    def __init__(self, nodes: list[fx.Node]):
+    def __init__(self, nodes: list[fx.Node], kind: GraphKind):
         self.storages = _Storages()
         for node in nodes:
             self.storages.add(node)
-        self.life = _lifetimes(nodes, self.storages)
+        self.life = _lifetimes(nodes, self.storages, kind)
         self.live = _peak_profile(len(nodes), self.life)
         self.peak = max(self.live, default=0)
         self.pool: dict[_PoolKey, list[_Buffer]] = {}
@@ -313,7 +325,7 @@ def _is_kernel(node: fx.Node) -> bool:
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, BufferReuseReport]:
     nodes = list(gm.graph.nodes)
-    planner = _Planner(nodes)
+    planner = _Planner(nodes, ctx.kind)
     kernel_outputs = 0
     for pos, node in enumerate(nodes):
         planner.advance(pos)

@@ -13,9 +13,9 @@ from graphopt.passes import buffer_reuse
 from graphopt.pipeline import PassContext
 
 
-def _reused(fn, *inputs, dynamic=False):
+def _reused(fn, *inputs, dynamic=False, kind="inference"):
     gm, _ = fuse(fn, *inputs, dynamic=dynamic)
-    ctx = PassContext(options=Options(), graph_name="g0_test", kind="inference", example_inputs=inputs)
+    ctx = PassContext(options=Options(), graph_name="g0_test", kind=kind, example_inputs=inputs)
     gm, report = buffer_reuse.run(gm, ctx)
     gm.graph.lint()
     return gm, report
@@ -99,6 +99,31 @@ def test_a_buffer_kept_alive_over_the_peak_is_not_taken():
     gm, report = _reused(_big_product_between, x, w1, w2)
     assert report.reused == 0 and report.kept.get("would raise the estimated peak") == 1, report
     torch.testing.assert_close(gm(x, w1, w2), _big_product_between(x, w1, w2), rtol=1e-4, atol=1e-5)
+
+
+def _input_read_first(big, x, c, w1, w2):
+    s = big.sum(0)[:64]  # the largest input's last read: the estimate's peak if inputs died there
+    h = (torch.relu(x + s) * 2) @ w1  # (8, 64): dies in the next kernel
+    wide = torch.sigmoid(h.sum(1, keepdim=True) * c)  # (8, 2048): the peak while big is still held
+    return torch.tanh((wide @ w2).expand(8, 64)) * 3  # (8, 64) again
+
+
+@pytest.mark.parametrize(
+    "kind, big_name, reused",
+    [
+        ("inference", "big", 0),  # the caller holds every input of a forward or inference graph
+        ("backward", "primals_1", 0),  # a forward input saved for the backward: its owner holds it
+        ("backward", "getitem_3", 1),  # a saved activation: AOTAutograd drops it at its last use
+    ],
+)
+def test_inputs_their_owners_hold_stay_in_the_peak_estimate(kind, big_name, reused):
+    inputs = torch.randn(256, 256), torch.randn(8, 64), torch.randn(1, 2048), torch.randn(64, 64), torch.randn(2048, 1)
+    gm, _ = fuse(_input_read_first, *inputs)
+    gm.graph.find_nodes(op="placeholder")[0].target = big_name  # as AOTAutograd names its graphs' inputs
+    ctx = PassContext(options=Options(), graph_name="g0_test", kind=kind, example_inputs=inputs)
+    gm, report = buffer_reuse.run(gm, ctx)
+    assert report.reused == reused, (report, gm.code)
+    torch.testing.assert_close(gm(*inputs), _input_read_first(*inputs), rtol=1e-4, atol=1e-5)
 
 
 def test_symbolic_sizes_reuse_by_expression_and_run_at_a_new_size():
