@@ -80,9 +80,9 @@ class _Storages:
     storages are `unknown`. `owned`: the storages one value fills alone, a kernel output made
     by its subgraph's own computation or a matrix product, whatever ran."""
 
-    def __init__(self, inputs: list[_Ids] | None = None):
+    def __init__(self, inputs: list[_Ids] | None = None, count: int = 0):
         self.inputs = list(inputs) if inputs is not None else None  # a subgraph's, in order
-        self.count = 0
+        self.count = count  # storages made here are numbered after it
         self.of: dict[fx.Node, _Ids] = {}
         self.elements: dict[fx.Node, list[_Ids]] = {}  # per element of a tuple value
         self.made_at: dict[int, fx.Node] = {}
@@ -130,7 +130,7 @@ class _Storages:
         """Outputs live where the eager subgraph's do: in the node's inputs' storages, or in ones
         made inside it, which become new storages of this node (one per storage inside)."""
         args = [self.of.get(a, ()) if isinstance(a, fx.Node) else () for a in node.args]
-        inner = _Storages(args)
+        inner = _Storages(args, self.count)  # numbered apart: one made inside is never taken for an input's
         for sub_node in sub_gm.graph.nodes:
             inner.add(sub_node)
         (output,) = sub_gm.graph.find_nodes(op="output")

@@ -73,6 +73,21 @@ def test_aliasing_comes_from_what_nodes_do_not_from_stale_fake_storages():
     torch.testing.assert_close(gm(fresh, w), _view_read_late(fresh, w), rtol=1e-5, atol=1e-6)
 
 
+def _first_input_only(x, y):
+    a = x * 2  # a kernel that reads only the graph's first input
+    c = torch.cumsum(a, 0) + y.sum()  # an ATen op that makes a buffer of its own, not a donor
+    return torch.sigmoid(c) * 2
+
+
+def test_a_kernel_output_is_a_donor_however_the_storages_of_its_inputs_are_numbered():
+    """The kernel's eager subgraph numbers the storages it makes apart from the graph's: its
+    output is its own, not the first input's storage that happened to have the same number."""
+    x, y = torch.randn(8, 8), torch.randn(8, 8)
+    gm, report = _reused(_first_input_only, x, y)
+    assert _donors(gm) == [("fused_g0_test_inference_1", "fused_g0_test_inference_0")], (report, gm.code)
+    torch.testing.assert_close(gm(x, y), _first_input_only(x, y), rtol=1e-5, atol=1e-6)
+
+
 def _returned_early(x, w):
     a = torch.relu(x) + 1  # a graph output: its buffer never returns to the pool
     b = torch.sigmoid(a @ w) * 3
