@@ -126,7 +126,8 @@ def _nbytes(value: Any) -> int:
 
 def memory_timeline(gm: fx.GraphModule) -> list[tuple[str, int]]:
     """(node, bytes live after it) in graph order: inputs stay live, every other value
-    until its last user has run. Views alias their input and add nothing."""
+    until its last user has run. Views alias their input and add nothing; a kernel output
+    written into a dead buffer (`reuse=`, passes/buffer_reuse.py) takes over its bytes."""
     last_user: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
         for used in node.all_input_nodes:
@@ -141,9 +142,10 @@ def memory_timeline(gm: fx.GraphModule) -> list[tuple[str, int]]:
         if node.op == "output":
             break
         sizes[node] = 0 if node.target in _VIEWS else _nbytes(node.meta.get("val"))
-        live += sizes[node]
+        donors = [d for d in node.kwargs.get("reuse", ()) if d is not None]
+        live += sizes[node] - sum(sizes[d] for d in donors)
         timeline.append((node.name, live))
-        live -= sum(sizes[v] for v in freed_after.get(node, ()))
+        live -= sum(sizes[v] for v in freed_after.get(node, ()) if v not in donors)
     return timeline
 
 

@@ -10,7 +10,8 @@ from helpers import assert_training_matches_eager
 from graphopt import events
 from graphopt.options import Options
 from graphopt.passes import buffer_reuse
-from graphopt.pipeline import PassContext
+from graphopt.pipeline import PassContext, copy_graph_module
+from graphopt.run_record import memory_timeline
 
 
 def _reused(fn, *inputs, dynamic=False, kind="inference"):
@@ -41,6 +42,17 @@ def test_chain_writes_each_kernel_into_the_previous_ones_buffer_and_matches_eage
     fresh_x, fresh_w = torch.randn(8, 16), torch.randn(16, 16)
     torch.testing.assert_close(gm(fresh_x, fresh_w), _chain(fresh_x, fresh_w), rtol=1e-5, atol=1e-6)
     assert all(k.failed_reason is None and k.primary.launches for k in kernels(gm))
+
+
+def test_the_reports_memory_plan_counts_a_reused_buffer_once():
+    """The donor's bytes become the recipient's: written into, they are not allocated again."""
+    x, w = torch.randn(8, 16), torch.randn(16, 16)
+    gm, report = _reused(_chain, x, w)
+    assert report.reused == 3, report
+    plain = copy_graph_module(gm)
+    for node in plain.graph.nodes:
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "reuse"}
+    assert memory_timeline(gm) == memory_timeline(plain)
 
 
 def _view_read_late(x, w):
