@@ -64,9 +64,10 @@ def _node_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def _returns_alias(op: torch._ops.OpOverload) -> bool:
-    """Whether an op's result may live in its inputs' storage (a view, an in-place or out= op)."""
+    """Whether an op's result may live in its inputs' storage (a view, an in-place or out= op).
+    _unsafe_view's schema says it makes a new tensor, but it is a view of its input."""
     schema = op._schema
-    return schema.is_mutable or any(r.alias_info is not None for r in schema.returns)
+    return op is aten._unsafe_view.default or schema.is_mutable or any(r.alias_info is not None for r in schema.returns)
 
 
 class _Storages:
@@ -107,6 +108,8 @@ class _Storages:
             self.of[node] = self.read(node)
         elif target is operator.getitem and node.args[0] in self.elements:
             self.of[node] = self.elements[node.args[0]][node.args[1]]
+        elif target is operator.getitem:  # an element of views (split, unbind): in their storages
+            self.of[node] = self.of.get(node.args[0], ())
         elif isinstance(target, torch._ops.OpOverload) and not _returns_alias(target):
             val = node.meta.get("val")
             if isinstance(val, (tuple, list)):

@@ -200,3 +200,34 @@ def test_reuse_off_runs_no_reuse_pass(options):
     with events.capture() as graphs:
         torch.compile(_Mlp(), backend="graphopt", options=options)(torch.randn(4, 16))
     assert graphs and not any(r.name == "buffer_reuse" for g in graphs for r in g.records)
+
+
+def _unsafe_view_read_late(x, w):
+    a = torch.relu(x) + 1
+    a_flat = torch.ops.aten._unsafe_view(a, [8, 8])  # a view although its schema says a new tensor
+    b = torch.sigmoid(a @ w) * 3  # the same size as a
+    return b @ a_flat
+
+
+def test_unsafe_view_keeps_its_input_alive():
+    x, w = torch.randn(8, 8), torch.randn(8, 8)
+    gm, report = _reused(_unsafe_view_read_late, x, w)
+    assert report.reused == 0, (report, gm.code)
+    fresh = torch.randn(8, 8)
+    torch.testing.assert_close(gm(fresh, w), _unsafe_view_read_late(fresh, w), rtol=1e-5, atol=1e-6)
+
+
+def _split_product(x, w, w_big):
+    h = x + (x @ w_big).sum(1, keepdim=True) * 0.01  # the graph's peak: an (8, 1024) product
+    q, k = (h @ w).split(8, dim=1)  # one (8, 16) product read through two views
+    s = torch.sigmoid(q) * torch.tanh(k)  # (8, 8): the product dies here
+    return torch.relu(s @ w) + 1  # (8, 16): the product's buffer is free again
+
+
+def test_a_product_read_through_split_views_is_a_donor_once_they_are_dead():
+    x, w, w_big = torch.randn(8, 8), torch.randn(8, 16), torch.randn(8, 1024)
+    gm, report = _reused(_split_product, x, w, w_big)
+    (split,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.split.Tensor]
+    assert split.args[0].name in [donor for _, donor in _donors(gm)], (report, gm.code)
+    fresh = torch.randn(8, 8)
+    torch.testing.assert_close(gm(fresh, w, w_big), _split_product(fresh, w, w_big), rtol=1e-5, atol=1e-5)
