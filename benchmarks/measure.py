@@ -103,33 +103,38 @@ def _warm_compile(model, row, cache_dir, inputs, device, record: dict[str, Any])
 
     from torch._dynamo.utils import counters
 
-    for key in ("warm_tuning_only_compile_s", "warm_compile_s"):
-        torch._dynamo.reset()
-        reset_lookups()
-        counters["aot_autograd"].clear()
-        compiled = backends.compile_model(model, row, cache_dir)
-        step = _step_function(compiled, model, row, inputs, device)
-        with _aot_cache_bypasses() as bypasses:
+    with _aot_cache_problems() as problems:
+        for key in ("warm_tuning_only_compile_s", "warm_compile_s"):
+            torch._dynamo.reset()
+            reset_lookups()
+            counters["aot_autograd"].clear()
+            compiled = backends.compile_model(model, row, cache_dir)
+            step = _step_function(compiled, model, row, inputs, device)
             record[key] = timing.time_call_s(lambda: step(0), device)
-        seen = lookups()
-        record["warm_cache_hits"] = sum(lookup.hit for lookup in seen)
-        record["warm_cache_misses"] = sum(not lookup.hit for lookup in seen)
-    # torch's AOTAutograd-cache events of the last compile (hit, miss, saved, bypass and why): whether
-    # it loaded graphopt's compiled graphs (graphopt/artifact_cache.py), and if not, why
+            seen = lookups()
+            record["warm_cache_hits"] = sum(lookup.hit for lookup in seen)
+            record["warm_cache_misses"] = sum(not lookup.hit for lookup in seen)
+    # torch's AOTAutograd-cache events of the last compile (hit, miss, saved, bypass), and what went
+    # wrong in either (a bypass, or a graph that could not be saved by the first or loaded by the
+    # second): whether it loaded graphopt's compiled graphs (graphopt/artifact_cache.py), and if not, why
     aot_events = {name.removeprefix("autograd_cache_"): n for name, n in counters["aot_autograd"].items() if "cache" in name}
-    record["warm_aot_cache"] = {**aot_events, "bypass_reasons": sorted(set(bypasses))}
+    record["warm_aot_cache"] = {**aot_events, "problems": sorted(set(problems))}
+
+
+_AOT_CACHE_PROBLEMS = ("Bypassing", "unable to serialize", "unable to load")
 
 
 @contextlib.contextmanager
-def _aot_cache_bypasses() -> Iterator[list[str]]:
-    """The reasons torch's AOTAutograd cache gives (at INFO level) for bypassing, while the block runs."""
+def _aot_cache_problems() -> Iterator[list[str]]:
+    """What torch's AOTAutograd cache logs (INFO and WARNING) about bypassing it, or failing to save
+    or load a compiled graph, while the block runs."""
     logger = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
     reasons: list[str] = []
 
     class _Collect(logging.Handler):
         def emit(self, entry: logging.LogRecord) -> None:
             message = entry.getMessage()
-            if "Bypassing" in message:
+            if any(problem in message for problem in _AOT_CACHE_PROBLEMS):
                 reasons.append(message[:300])
 
     handler, level = _Collect(logging.INFO), logger.level

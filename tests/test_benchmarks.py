@@ -123,6 +123,7 @@ def test_run_end_to_end_on_cpu_then_rebuild_report(tmp_path):
     assert all(r["warm_compile_s"] is None for r in records if r["backend"] == "eager")
     if warm_expected:  # the second warm compile loads what the first stored in torch's AOTAutograd cache
         assert all(r["warm_aot_cache"].get("hit", 0) > 0 for r in graphopt_rows), [r["warm_aot_cache"] for r in graphopt_rows]
+        assert all(r["warm_aot_cache"]["problems"] == [] for r in graphopt_rows), [r["warm_aot_cache"] for r in graphopt_rows]
     _assert_report_files(out, records)
 
     # the report rebuilds from the JSON alone, and merges run folders into a new one
