@@ -62,12 +62,20 @@ def _view_read_late(x, w):
     return b @ a_t
 
 
-def test_a_buffer_read_later_through_a_view_is_not_taken():
+def _unsafe_view_read_late(x, w):
+    a = torch.relu(x) + 1
+    a_flat = torch.ops.aten._unsafe_view(a, [8, 8])  # a view although its schema says a new tensor
+    b = torch.sigmoid(a @ w) * 3  # the same size as a
+    return b @ a_flat
+
+
+@pytest.mark.parametrize("fn", [_view_read_late, _unsafe_view_read_late], ids=["t", "_unsafe_view"])
+def test_a_buffer_read_later_through_a_view_is_not_taken(fn):
     x, w = torch.randn(8, 8), torch.randn(8, 8)
-    gm, report = _reused(_view_read_late, x, w)
+    gm, report = _reused(fn, x, w)
     assert report.reused == 0, (report, gm.code)
     fresh = torch.randn(8, 8)
-    torch.testing.assert_close(gm(fresh, w), _view_read_late(fresh, w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gm(fresh, w), fn(fresh, w), rtol=1e-5, atol=1e-6)
 
 
 def test_aliasing_comes_from_what_nodes_do_not_from_stale_fake_storages():
@@ -200,21 +208,6 @@ def test_reuse_off_runs_no_reuse_pass(options):
     with events.capture() as graphs:
         torch.compile(_Mlp(), backend="graphopt", options=options)(torch.randn(4, 16))
     assert graphs and not any(r.name == "buffer_reuse" for g in graphs for r in g.records)
-
-
-def _unsafe_view_read_late(x, w):
-    a = torch.relu(x) + 1
-    a_flat = torch.ops.aten._unsafe_view(a, [8, 8])  # a view although its schema says a new tensor
-    b = torch.sigmoid(a @ w) * 3  # the same size as a
-    return b @ a_flat
-
-
-def test_unsafe_view_keeps_its_input_alive():
-    x, w = torch.randn(8, 8), torch.randn(8, 8)
-    gm, report = _reused(_unsafe_view_read_late, x, w)
-    assert report.reused == 0, (report, gm.code)
-    fresh = torch.randn(8, 8)
-    torch.testing.assert_close(gm(fresh, w), _unsafe_view_read_late(fresh, w), rtol=1e-5, atol=1e-6)
 
 
 def _split_product(x, w, w_big):
