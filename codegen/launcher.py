@@ -251,15 +251,15 @@ def _launcher_source(spec: KernelSpec) -> str:
             name, stride = names[node], _tuple(strides_of(node))
             lines.append(f"    if {name}.stride() != {stride}: {name} = relayout({name}, {stride})")
     outs = [f"o{i}" for i in range(len(spec.outputs))]
-    allocations = [f"empty({_tuple(shape_of(n))}, {_tuple(strides_of(n))}, {n.meta['val'].dtype})" for n in spec.outputs]
+    layouts = [f"{_tuple(shape_of(n))}, {_tuple(strides_of(n))}" for n in spec.outputs]
+    allocations = [f"empty({layout}, {n.meta['val'].dtype})" for layout, n in zip(layouts, spec.outputs)]
     # reuse: per output, a dead buffer of its size to write into, or None (passes/buffer_reuse.py)
     lines.append("    if reuse is None:")
     lines += [f"        {o} = {alloc}" for o, alloc in zip(outs, allocations)]
     lines.append("    else:")
     lines.append(f"        {_tuple_names([f'r{i}' for i in range(len(outs))])} = reuse")
-    for i, (o, alloc, node) in enumerate(zip(outs, allocations, spec.outputs)):
-        reinterpret = f"reinterpret(r{i}, {_tuple(shape_of(node))}, {_tuple(strides_of(node))}, 0)"
-        lines.append(f"        {o} = {alloc} if r{i} is None else {reinterpret}")
+    for i, (o, alloc, layout) in enumerate(zip(outs, allocations, layouts)):
+        lines.append(f"        {o} = {alloc} if r{i} is None else reinterpret(r{i}, {layout}, 0)")
     result = outs[0] if len(outs) == 1 else _tuple_names(outs)
     xnumel, rnumel = print_index(spec.domain.xnumel), print_index(spec.domain.rnumel)
     lines.append(f"    xnumel, rnumel = {xnumel}, {rnumel}")

@@ -29,7 +29,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from graphopt.codegen.indexing import product, same, size_expr
-from graphopt.cost_model.roofline import size_hint
+from graphopt.cost_model.roofline import nbytes_hint, size_hint
 from graphopt.passes.planned_views import PlannedView
 from graphopt.pipeline import GraphKind, PassContext, PassReport
 from graphopt.runtime import GuardedCall
@@ -173,10 +173,7 @@ class _Lifetimes:
 
 
 def _nbytes(val: Any) -> int:
-    if not isinstance(val, torch.Tensor):
-        return 0
-    span = 1 + sum((size_hint(n) - 1) * size_hint(s) for n, s in zip(val.shape, val.stride()))
-    return max(span, 0) * val.dtype.itemsize if all(size_hint(n) for n in val.shape) else 0
+    return nbytes_hint(val) if isinstance(val, torch.Tensor) else 0
 
 
 def _held(node: fx.Node, kind: GraphKind) -> bool:
