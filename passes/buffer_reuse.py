@@ -26,7 +26,6 @@ from typing import Any
 import sympy
 import torch
 from torch import fx
-from torch.utils._pytree import tree_flatten
 
 from graphopt.codegen.indexing import product, same, size_expr
 from graphopt.cost_model.roofline import nbytes_hint, size_hint
@@ -57,10 +56,6 @@ class BufferReuseReport(PassReport):
             f"{self.reused} of {self.kernel_outputs} kernel outputs written into dead buffers "
             f"({self.reused_bytes / 2**20:.1f} MiB)" + (f"; kept: {kept}" if kept else "")
         )
-
-
-def _node_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node)]
 
 
 def _returns_alias(op: torch._ops.OpOverload) -> bool:
@@ -96,7 +91,7 @@ class _Storages:
         return (self.count,)
 
     def read(self, node: fx.Node) -> _Ids:
-        return tuple(dict.fromkeys(i for a in _node_inputs(node) for i in self.of.get(a, ())))
+        return tuple(dict.fromkeys(i for a in node.all_input_nodes for i in self.of.get(a, ())))
 
     def add(self, node: fx.Node) -> None:
         target = node.target
@@ -153,7 +148,7 @@ class _Storages:
             if len(ids) == 1 and ids[0] not in outer and inner.made_at[ids[0]] is result:
                 self.owned.add(renamed[ids[0]])
         self.unknown.update(i for i in inner.unknown if i in outer)
-        if len(results) > 1 or isinstance(output.args[0], (tuple, list)):
+        if isinstance(output.args[0], (tuple, list)):
             self.elements[node] = per_output
         self.of[node] = tuple(dict.fromkeys(i for ids in per_output for i in ids))
 
