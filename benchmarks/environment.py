@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-_PACKAGES = ("torch", "triton", "graphopt", "transformers", "torchvision", "timm")
+_PACKAGES = ("triton", "graphopt", "transformers", "torchvision", "timm")
 
 
 def device_name(device: torch.device) -> str:
@@ -28,13 +28,12 @@ def device_name(device: torch.device) -> str:
 def versions() -> dict[str, str | None]:
     """Installed versions of the packages a result depends on (None: not installed). torch's is its
     build's (`2.11.0+cu130`), which the package metadata shortens to `2.11.0`."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
     for name in _PACKAGES:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
-    found["torch"] = torch.__version__
     found["cuda"] = torch.version.cuda
     return found
 

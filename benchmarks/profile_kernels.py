@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2")
     parser.add_argument("--modes", default="infer,train")
-    parser.add_argument("--backends", default="inductor,graphopt", help="also graphopt-cg (cuda_graphs on)")
+    parser.add_argument(
+        "--backends",
+        default="inductor,graphopt",
+        help="also graphopt-cg (cuda_graphs on) and graphopt-no_OPTION (a boolean option off, e.g. graphopt-no_pad_matmuls)",
+    )
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--host-profile", action="store_true", help="also cProfile the host side of a few steps")
     parser.add_argument("--out", type=pathlib.Path)
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             for variant in args.backends.split(","):
                 backend, _, suffix = variant.partition("-")
-                row = Row(model=model, mode=mode, backend=backend, cuda_graphs=suffix == "cg")
+                off = suffix.removeprefix("no_") if suffix.startswith("no_") else None
+                row = Row(model=model, mode=mode, backend=backend, cuda_graphs=suffix == "cg", graphopt_off=off)
                 torch._dynamo.reset()
                 try:
                     result = profile_row(row, device, args.top, args.host_profile)
