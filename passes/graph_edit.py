@@ -24,11 +24,16 @@ def fake_mode_of(args: Any) -> Any:
 def call_with_meta(graph: fx.Graph, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
     """`graph.call_function(target, args, kwargs)` at the graph's insertion point, with meta['val']."""
     node = graph.call_function(target, args, kwargs)
-    vals, kwvals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    with fake_mode_of(args):
-        val = target(*vals, **kwvals)
-    node.meta["val"] = _without_base(val)
+    refresh_meta(node)
     return node
+
+
+def refresh_meta(node: fx.Node) -> None:
+    """Compute `node`'s meta['val'] from its arguments' (again, after a pass changed an input's layout)."""
+    vals, kwvals = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+    with fake_mode_of((node.args, node.kwargs)):
+        val = node.target(*vals, **kwvals)
+    node.meta["val"] = _without_base(val)
 
 
 def _without_base(val: Any) -> Any:

@@ -122,3 +122,46 @@ def test_lm_head_with_odd_vocabulary_trains_like_eager(monkeypatch):
     pads = [n for n in backward.graph.nodes if _pads(n)]
     # grad @ W and grad^T @ h share one padded gradient; W has its own padded copy
     assert sorted(len(n.users) for n in pads) == [1, 2], [n.format_node() for n in pads]
+
+
+def _compiled_inference(monkeypatch, model, x):
+    monkeypatch.setattr(pad_matmul, "device_spec", lambda device: SLOW_MATMUL_SPEC)
+    with events.capture() as graphs, torch.no_grad():
+        out = torch.compile(model, backend="graphopt")(x)
+    (graph,) = graphs
+    return out, graph.output_gm
+
+
+def test_inference_returns_a_padded_product_with_padded_rows(monkeypatch):
+    """Like inductor's pad_mm: logits that are only returned keep the padded row stride (no copy)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 61, bias=False))
+    x = torch.randn(3, 16, 24)
+    out, gm = _compiled_inference(monkeypatch, model, x)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.shape == expected.shape and out.stride() == (16 * 64, 64, 1)
+    assert not any(n.target == aten.clone.default for n in gm.graph.nodes)
+
+
+def test_inference_copies_a_padded_product_that_is_also_computed_on(monkeypatch):
+    """A consumer besides the output (here the softmax) gets the promised contiguous layout."""
+    torch.manual_seed(0)
+
+    class LogitsAndProbs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(24, 61, bias=False)
+
+        def forward(self, x):
+            logits = self.head(x)
+            return logits, logits.softmax(-1)
+
+    model, x = LogitsAndProbs(), torch.randn(3, 16, 24)
+    (logits, probs), _ = _compiled_inference(monkeypatch, model, x)
+    with torch.no_grad():
+        expected_logits, expected_probs = model(x)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs, expected_probs, rtol=1e-5, atol=1e-6)
+    assert logits.stride() == expected_logits.stride()
