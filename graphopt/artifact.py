@@ -11,6 +11,13 @@ size symbols codegen plans from. Loading plans each subgraph again and makes its
 kernel as the fusion pass did (`fusion.kernel_call`); Triton's own on-disk cache
 keeps the kernel compiles cheap.
 
+Kernels built alike (the same structure, `fusion_plans.structure`: one per transformer
+layer) are written as one subgraph and made into one FusedKernel on load, which their
+nodes share under their own names: GPT-2 training keeps 44 subgraphs for its 479
+kernels, so a warm compile unpickles, plans and writes a launcher 44 times instead of
+479, and its first step renders and launches through Triton's JIT 44 kernels. A shared
+kernel counts the launches of all its nodes.
+
 Loading happens while torch unpickles the entry, so an entry that cannot be loaded
 (corrupt, or made by another graphopt) fails there: torch then skips it, compiles
 the graph as usual and stores a fresh entry next to it.
@@ -30,7 +37,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from graphopt.cache import CacheWarning
 from graphopt.passes.fusion import kernel_call
-from graphopt.passes.fusion_plans import Plans
+from graphopt.passes.fusion_plans import Plans, structure
 from graphopt.pipeline import copy_graph_module
 from graphopt.runtime import CompiledGraph, GuardedCall
 
@@ -105,18 +112,49 @@ def output_code(compiled: CompiledGraph) -> GraphoptOutputCode:
 class _Held(torch.nn.Module):
     """A target of graphopt's own in a graph being pickled, held as a submodule (GraphPickler names
     only torch's and Python's functions): a kernel as its name and its fallback subgraph, from which
-    codegen makes it again on load; any other (a planned view) as itself, which must pickle."""
+    codegen makes it again on load; any other (a planned view) as itself, which must pickle.
 
-    def __init__(self, target: Any):
+    `alike`: the fallback subgraphs held so far, by structure; a kernel built like one of them
+    holds that one, so the pickle writes it once."""
+
+    def __init__(self, target: Any, alike: dict[tuple[Any, ...], fx.GraphModule]):
         super().__init__()
         self.kernel_name = target.__name__ if isinstance(target, GuardedCall) else None
-        self.fallback = target.fallback if isinstance(target, GuardedCall) else None
+        self.fallback = _shared_fallback(target.fallback, alike) if isinstance(target, GuardedCall) else None
         self.target = None if isinstance(target, GuardedCall) else target
 
-    def restore(self, plans: Plans) -> Any:
+    def restore(self, plans: Plans, made: dict[int, GuardedCall]) -> Any:
+        """The node's target; `made`: the kernels made so far, by their fallback subgraph's id."""
         if self.kernel_name is None:
             return self.target
-        return kernel_call(self.kernel_name, _LazyGraphModule.from_graphmodule(self.fallback), plans)
+        first = made.get(id(self.fallback))
+        if first is not None:  # built alike: the same kernel and fallback, under this node's name
+            return GuardedCall(self.kernel_name, first.primary, first.fallback)
+        fallback = _LazyGraphModule.from_graphmodule(self.fallback)
+        made[id(self.fallback)] = kernel_call(self.kernel_name, fallback, plans)
+        return made[id(self.fallback)]
+
+
+def _shared_fallback(fallback: fx.GraphModule, alike: dict[tuple[Any, ...], fx.GraphModule]) -> fx.GraphModule:
+    """The first fallback subgraph held that is built like `fallback` (the same ops, arguments,
+    values and calling convention), else `fallback` itself."""
+    key = _fallback_structure(fallback)
+    return fallback if key is None else alike.setdefault(key, fallback)
+
+
+def _fallback_structure(fallback: fx.GraphModule) -> tuple[Any, ...] | None:
+    """What a fallback subgraph computes and how it is called, None if it cannot be described exactly:
+    its placeholders in order (its arguments), its nodes, and which of them it returns, how."""
+    nodes = list(fallback.graph.nodes)
+    if any(n.op not in ("placeholder", "call_function", "output") for n in nodes):
+        return None
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    members = [n for n in nodes if n.op == "call_function"]
+    (output,) = (n for n in nodes if n.op == "output")
+    result = output.args[0]
+    outputs = list(result) if isinstance(result, tuple) else [result]
+    key = structure(inputs, members, outputs)
+    return None if key is None else (key, isinstance(result, tuple))
 
 
 def _dumps(gm: fx.GraphModule) -> bytes:
@@ -125,9 +163,10 @@ def _dumps(gm: fx.GraphModule) -> bytes:
 
     picklable = copy_graph_module(gm)
     graph = picklable.graph
+    alike: dict[tuple[Any, ...], fx.GraphModule] = {}
     for node in list(graph.nodes):
         if node.op == "call_function" and type(node.target).__module__.startswith("graphopt."):
-            picklable.add_submodule(node.name, _Held(node.target))
+            picklable.add_submodule(node.name, _Held(node.target, alike))
             _replace(graph, node, "call_module", node.name)
     # every op namespace, not only aten (torch's default filter): passes add prims ops (fusion's split
     # reductions convert their fp32 partial sums back), and an op that is gone when loading fails the
@@ -141,7 +180,7 @@ def _kept_meta(key: str) -> bool:
 
 
 def _loads(payload: bytes) -> fx.GraphModule:
-    """The graph `_dumps` wrote, with its targets back (repeated kernel structures planned once)."""
+    """The graph `_dumps` wrote, with its targets back (one kernel per subgraph written)."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
     from torch.fx._graph_pickler import GraphPickler
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -149,14 +188,13 @@ def _loads(payload: bytes) -> fx.GraphModule:
     with unset_fake_temporarily():  # the values get a fake mode of their own, never the caller's
         gm = GraphPickler.loads(payload, FakeTensorMode(shape_env=ShapeEnv()))
     plans = Plans()
+    made: dict[int, GuardedCall] = {}
     for node in list(gm.graph.find_nodes(op="call_module")):
         held = gm.get_submodule(node.target)
         if isinstance(held, _Held):
-            _replace(gm.graph, node, "call_function", held.restore(plans))
+            _replace(gm.graph, node, "call_function", held.restore(plans, made))
             gm.delete_submodule(node.target)
-    gm = _LazyGraphModule.from_graphmodule(gm)
-    _LazyGraphModule.force_recompile(gm)
-    return gm
+    return _LazyGraphModule.from_graphmodule(gm)  # its code is generated if it is ever run or read, as a compiled one's
 
 
 def _replace(graph: fx.Graph, node: fx.Node, op: str, target: Any) -> None:

@@ -13,9 +13,10 @@ from unittest import mock
 
 import pytest
 import torch
+from fusion_helpers import fuse, kernels
 from torch._dynamo.utils import counters
 
-from graphopt import artifact_cache, events
+from graphopt import artifact, artifact_cache, events
 from graphopt.artifact import GraphoptOutputCode
 from graphopt.cache import CacheWarning
 
@@ -113,6 +114,38 @@ def test_an_entry_that_cannot_be_loaded_is_compiled_again(tmp_path, damage):
     assert len(_entries(tmp_path)) == 2
     third, _ = _process(tmp_path, "train")
     assert third["compiled"] == [] and third["aot"].get("autograd_cache_hit") == 1
+
+
+def _layers(x, w):
+    """Three kernels: the first and the last built alike (tanh, times 2, on the same sizes), the middle
+    one the same but for its constant."""
+    a = torch.tanh(x) * 2
+    b = torch.tanh(a @ w) * 3
+    c = torch.tanh(b @ w) * 2
+    return c @ w
+
+
+def test_kernels_built_alike_are_kept_once_and_loaded_as_one_kernel_under_their_own_names():
+    x, w = torch.randn(4, 16), torch.randn(16, 16)
+    gm, _ = fuse(_layers, x, w)
+    loaded = artifact._loads(artifact._dumps(gm))
+    first, middle, last = kernels(loaded)
+    assert [k.__name__ for k in (first, middle, last)] == [k.__name__ for k in kernels(gm)]
+    # one subgraph unpickled, planned and made into a kernel for both; a different constant is not alike
+    assert last.primary is first.primary and last.fallback is first.fallback
+    assert middle.primary is not first.primary and middle.fallback is not first.fallback
+    torch.testing.assert_close(loaded(x, w), _layers(x, w), rtol=1e-4, atol=1e-5)
+    assert first.failed_reason is None and first.primary.launches == 2 and middle.primary.launches == 1
+
+
+def test_a_loaded_graph_generates_its_code_only_when_it_runs():
+    """Loading makes the graph's code only where it is run or read, as compiling does: the runtime
+    runs its own boxed copy."""
+    x, w = torch.randn(4, 16), torch.randn(16, 16)
+    gm, _ = fuse(_layers, x, w)
+    loaded = artifact._loads(artifact._dumps(gm))
+    assert loaded._needs_recompile()
+    torch.testing.assert_close(loaded(x, w), _layers(x, w), rtol=1e-4, atol=1e-5)
 
 
 def _mlp_step():
