@@ -68,10 +68,12 @@ def compile_graph(
     options: Options,
     graph_id: int,
     earlier_records: Sequence[PassRecord] = (),
+    user_outputs: int = 0,
 ) -> CompiledGraph:
     """Run the pass pipeline on one ATen graph; if it fails, the graph runs as eager ATen.
 
-    `earlier_records`: passes that made `gm` before the pipeline (the remat partition)."""
+    `earlier_records`: passes that made `gm` before the pipeline (the remat partition);
+    `user_outputs`: PassContext.user_outputs (an inference graph's are all its outputs)."""
     name = _graph_name(kind, graph_id)
     device = _device_of(example_inputs)
     ctx = PassContext(
@@ -81,6 +83,7 @@ def compile_graph(
         example_inputs=example_inputs,
         device=device,
         cache=open_graph_cache(gm, example_inputs, options, device, name),
+        user_outputs=len(gm.graph.output_node().args[0]) if kind == "inference" else user_outputs,
     )
     try:
         result = run_pipeline(gm, ctx)
@@ -121,8 +124,9 @@ def _compilers(options: Options, cached: bool) -> dict[str, Callable[..., Any]]:
     def compiler(kind: GraphKind):
         def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CompiledGraph:
             earlier = partition.take_records() if kind == "forward" else []
+            user_outputs = partition.num_fwd_outputs if kind == "forward" else 0
             with _heap_frozen():  # AOTAutograd compiles the backward lazily, at the first backward call
-                return compile_graph(gm, example_inputs, kind, options, graph_id, earlier)
+                return compile_graph(gm, example_inputs, kind, options, graph_id, earlier, user_outputs)
 
         return artifact_cache.serializable(compile_fn) if cached else compile_fn
 

@@ -52,6 +52,9 @@ class PassContext:
     example_inputs: Sequence[Any]
     device: torch.device = torch.device("cpu")
     cache: TuningCache | None = None  # the tuning cache, bound to this graph; None: caching off
+    # How many leading outputs go to the caller as they are (a forward graph's others are saved
+    # for the backward graph, which was traced for their layouts); 0: none, or not known.
+    user_outputs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

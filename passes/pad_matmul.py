@@ -10,11 +10,11 @@ benchmarks/profile_kernels.py), against about 2 ms aligned. Inductor pads these 
 The rewrite pads the misaligned sizes with zeros, which leaves every dot product
 unchanged, and slices the padded result back; when the row length N was padded the
 slice is copied to the layout the graph promised (the copy fuses into the consumer
-when that is pointwise). In an inference graph a product that is only returned
-(through views that keep its rows, like GPT-2's logits) is returned as the slice:
-its rows keep the padded stride, as inductor's pad_mm returns them, saving the copy
-(0.43 ms and 0.77 GiB of GPT-2's logits on an H200). Training graphs keep the copy:
-their outputs also feed the backward graph, compiled for the promised layout.
+when that is pointwise). A product that is only returned to the caller (through
+views that keep its rows, like GPT-2's logits) is returned as the slice: its rows
+keep the padded stride, as inductor's pad_mm returns them, saving the copy (0.43 ms
+and 0.77 GiB of GPT-2's logits on an H200). Values the forward graph saves for the
+backward keep the copy: the backward graph was traced for their layout.
 A product is padded only when the roofline says the copies
 cost less than the align-1 slowdown saves (the device's misaligned_matmul_slowdown
 in cost_model/roofline.py: 1.0 on the CPU, where the pass does nothing). Static
@@ -225,16 +225,21 @@ def _candidate(node: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
 _ROW_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
-def _returned_through_row_views(node: fx.Node, n: int) -> list[fx.Node] | None:
-    """The views between `node` and the graph's output when the output is all that reads it, each
-    keeping the rows of length `n` whole (so it stays a view of rows with a padded stride); else None."""
+def _returned_through_row_views(node: fx.Node, n: int, user_outputs: int) -> list[fx.Node] | None:
+    """The views between `node` and the graph's output when the first `user_outputs` outputs are all
+    that read it, each view keeping the rows of length `n` whole (so it stays a view of rows with a
+    padded stride); else None."""
     views = []
     for user in node.users:
         if user.op == "output":
+            outputs = user.args[0] if isinstance(user.args[0], (list, tuple)) else [user.args[0]]
+            positions = [i for i, out in enumerate(outputs) if out is node]
+            if max(positions) >= user_outputs:
+                return None
             continue
         if user.op != "call_function" or user.target not in _ROW_VIEWS or user.meta["val"].shape[-1] != n:
             return None
-        below = _returned_through_row_views(user, n)
+        below = _returned_through_row_views(user, n, user_outputs)
         if below is None:
             return None
         views += [user, *below]
@@ -242,10 +247,10 @@ def _returned_through_row_views(node: fx.Node, n: int) -> list[fx.Node] | None:
 
 
 def pad_matmuls(
-    gm: fx.GraphModule, spec: DeviceSpec, strided_outputs: bool = False
+    gm: fx.GraphModule, spec: DeviceSpec, user_outputs: int = 0
 ) -> tuple[fx.GraphModule, list[PaddedProduct]]:
     """Pad, in place, every matrix product of `gm` that is misaligned and worth padding on `spec`.
-    `strided_outputs`: a product that is only returned is returned with padded rows, not copied."""
+    A product that only the first `user_outputs` outputs read is returned with padded rows, not copied."""
     padded = []
     pads = _Pads(gm.graph)
     for node in list(gm.graph.nodes):
@@ -256,7 +261,7 @@ def pad_matmuls(
         plan = _plan(a, b)
         if plan is None or not _worth_it(plan, a, b, spec):
             continue
-        returned_views = _returned_through_row_views(node, plan.n) if strided_outputs else None
+        returned_views = _returned_through_row_views(node, plan.n, user_outputs)
         replacement = _rewrite(gm.graph, node, plan, pads, copy_back=returned_views is None)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
@@ -277,5 +282,5 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PadMatmul
     spec = device_spec(ctx.device)
     if spec.misaligned_matmul_slowdown <= 1:
         return gm, PadMatmulReport([], skipped=f"alignment picks no matrix-product kernels on {spec.name}")
-    gm, padded = pad_matmuls(gm, spec, strided_outputs=ctx.kind == "inference")
+    gm, padded = pad_matmuls(gm, spec, ctx.user_outputs)
     return gm, PadMatmulReport(padded)

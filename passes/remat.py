@@ -278,12 +278,15 @@ class Partitioner:
 
     Their pass records (joint graph in, forward graph out) wait in `take_records` for
     the backend, which reports them as the first passes of the forward graph, so the
-    CLI shows them with the forward; cache lookups carry the forward graph's name."""
+    CLI shows them with the forward; cache lookups carry the forward graph's name.
+    `num_fwd_outputs` (the forward's outputs the user gets, before the saved values) waits
+    for the forward's compile too."""
 
     def __init__(self, options: Options, graph_name: Callable[[], str]):
         self.options = options
         self.graph_name = graph_name
         self._records: list[PassRecord] = []
+        self.num_fwd_outputs = 0
 
     def take_records(self) -> list[PassRecord]:
         records, self._records = self._records, []
@@ -301,6 +304,7 @@ class Partitioner:
         from graphopt.cache import open_graph_cache
 
         name = self.graph_name()
+        self.num_fwd_outputs = num_fwd_outputs
         inputs = [v for v in tree_leaves(joint_inputs) if isinstance(v, (torch.Tensor, torch.SymInt, int))]
         device = _device_of(inputs)
         ctx = PassContext(

@@ -118,6 +118,8 @@ def test_lm_head_with_odd_vocabulary_trains_like_eager(monkeypatch):
         assert_training_matches_eager(model, batches, loss_fn, rtol=1e-4, atol=1e-5)
     padded = {g.kind: len(r.report.padded) for g in graphs for r in g.records if r.name == "pad_matmul"}
     assert padded == {"forward": 1, "backward": 2}, "the LM head's product and both of its gradients"
+    (forward,) = [g.output_gm for g in graphs if g.kind == "forward"]
+    assert not any(n.target == aten.clone.default for n in forward.graph.nodes), "logits keep padded rows"
     (backward,) = [g.output_gm for g in graphs if g.kind == "backward"]
     pads = [n for n in backward.graph.nodes if _pads(n)]
     # grad @ W and grad^T @ h share one padded gradient; W has its own padded copy
@@ -165,3 +167,44 @@ def test_inference_copies_a_padded_product_that_is_also_computed_on(monkeypatch)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(probs, expected_probs, rtol=1e-5, atol=1e-6)
     assert logits.stride() == expected_logits.stride()
+
+
+@pytest.mark.parametrize("user_outputs", [1, 2])
+def test_only_outputs_the_caller_gets_keep_padded_rows(user_outputs):
+    """Outputs past `user_outputs` are a forward graph's values saved for the backward graph, which
+    was traced for the contiguous layout: a product that reaches one of them is copied back."""
+    a, b = torch.randn(16, 32), torch.randn(32, 61)
+    gm, padded = pad_matmul.pad_matmuls(
+        make_fx(lambda a, b: (a @ b, (a @ b).view(4, 4, 61)), tracing_mode="fake")(a, b), SLOW_MATMUL_SPEC, user_outputs
+    )
+    gm.recompile()
+    first, second = gm(a, b)
+    torch.testing.assert_close(second, (a @ b).view(4, 4, 61), rtol=1e-5, atol=1e-5)
+    copied = {1: True, 2: False}[user_outputs]
+    assert (aten.clone.default in _targets(gm)) == copied
+    assert second.is_contiguous() == copied
+
+
+@pytest.mark.parametrize("replay_views", [True, False])
+def test_outputs_aliasing_a_padded_product_equal_eager(monkeypatch, replay_views):
+    """AOTAutograd rebuilds outputs that alias each other from one base, replaying the views (or with
+    as_strided when view replay is off): both must see the padded rows."""
+    torch.manual_seed(0)
+
+    class Aliases(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(24, 61, bias=False)
+
+        def forward(self, x):
+            logits = self.head(x)
+            return logits, logits.view(-1, 61), logits.view(3, 4, 4, 61)
+
+    model, x = Aliases(), torch.randn(3, 16, 24)
+    with torch._functorch.config.patch(view_replay_for_aliased_outputs=replay_views):
+        outs, _ = _compiled_inference(monkeypatch, model, x)
+    with torch.no_grad():
+        expected = model(x)
+    for out, want in zip(outs, expected):
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert outs[0].stride() == (16 * 64, 64, 1)
