@@ -92,6 +92,20 @@ def test_inductor_budget_is_set_only_while_its_row_runs():
     }
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor's CPU kernels need a C++ compiler")
+def test_inductor_rows_record_a_warm_compile_from_inductors_own_caches(tmp_path):
+    """The bar for graphopt's warm compile: inductor compiled again with its caches as the cold
+    compile left them, which it loads from (FX-graph and AOTAutograd cache hits)."""
+    out = str(tmp_path / "run")
+    argv = ["--models", "tiny", "--modes", "infer", "--backends", "inductor", "--device", "cpu"]
+    assert run.main([*argv, "--out", out]) == 0
+    (record,) = read_results(out)
+    assert record["status"] == "ok", record["error"]
+    assert 0 < record["warm_compile_s"] < record["compile_s"]
+    assert record["warm_aot_cache"]["fxgraph_cache_hit"] > 0 and record["warm_aot_cache"]["problems"] == []
+
+
 def test_fewer_than_20_timed_steps_rejected(capsys):
     with pytest.raises(SystemExit):
         run.parse_args(["--steps", "19", "--out", "x"])
