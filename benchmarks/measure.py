@@ -198,13 +198,15 @@ def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callab
             allocated = torch.cuda.memory_stats(device)["allocation.all.allocated"] - allocations
             record["allocations_per_step"] = allocated / len(times)
         save()
-        warm = row.backend == "inductor" or (row.backend == "graphopt" and backends.supports_warm_cache())
+        warm = record["warm_compile"] and (
+            row.backend == "inductor" or (row.backend == "graphopt" and backends.supports_warm_cache())
+        )
         if warm:
             del compiled, step
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if row.backend == "inductor":
+        if warm and row.backend == "inductor":
             _warm_compile_inductor(model, row, inputs, device, record)
         elif warm:
             _warm_compile(model, row, cache_dir, inputs, device, record)

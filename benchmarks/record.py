@@ -48,6 +48,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "steps": (int,),
     "warmup": (int,),
     "input_sets": (int,),
+    "warm_compile": (bool,),  # whether the row measured warm compiles after its steps
     "timer": _OPTIONAL_STR,
     "compile_options": (dict,),
     # what was measured (null when the row did not get that far)
@@ -72,11 +73,12 @@ ADDED_FIELDS: dict[str, Any] = {
     "warm_tuning_only_compile_s": None,
     "warm_aot_cache": None,
     "allocations_per_step": None,
+    "warm_compile": True,
 }
 
 
 def new_record(
-    row_fields: dict[str, Any], key: str, label: str, run: dict[str, Any], settings: dict[str, int], compile_options: dict
+    row_fields: dict[str, Any], key: str, label: str, run: dict[str, Any], settings: dict[str, Any], compile_options: dict
 ) -> dict[str, Any]:
     """A record with every measured field empty: what a row that never got to run reports."""
     record: dict[str, Any] = {name: None for name in SCHEMA}

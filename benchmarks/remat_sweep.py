@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         suite_args = [
             "--models", args.models, "--modes", "train", "--backends", "graphopt,inductor",
             "--memory-budgets", args.budgets, "--time-budget-s", str(args.time_budget_s), "--out", args.out,
+            "--no-warm-compile",
         ]  # fmt: skip
         if args.git_commit:
             suite_args += ["--git-commit", args.git_commit]

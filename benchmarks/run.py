@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=_steps, default=MIN_TIMED_STEPS, help="timed steps per row (>= 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
     parser.add_argument("--input-sets", type=int, default=3, help="input batches the steps rotate through")
+    parser.add_argument(
+        "--no-warm-compile",
+        dest="warm_compile",
+        action="store_false",
+        help="skip the warm compiles after the timed steps (sweeps that measure steps and memory only)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--time-budget-s", type=float, default=None, help="skip rows that no longer fit; no limit if unset")
     parser.add_argument("--row-timeout-s", type=float, default=600.0, help="kill a row's process after this long")
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": environment.command_line(argv),
         "git_commit": args.git_commit or environment.git_commit(),
     }
-    settings = {"steps": args.steps, "warmup": args.warmup, "input_sets": args.input_sets}
+    settings = {"steps": args.steps, "warmup": args.warmup, "input_sets": args.input_sets, "warm_compile": args.warm_compile}
     rows = plan_rows(
         args.models,
         args.modes,

@@ -153,6 +153,17 @@ def test_run_end_to_end_on_cpu_then_rebuild_report(tmp_path):
     _assert_report_files(merged, records)
 
 
+def test_no_warm_compile_skips_the_warm_compiles(tmp_path):
+    """What remat_sweep asks for: its rows measure steps and memory only."""
+    out = str(tmp_path / "run")
+    argv = ["--models", "tiny", "--modes", "infer", "--backends", "graphopt", "--device", "cpu", "--no-warm-compile"]
+    assert run.main([*argv, "--out", out]) == 0
+    (record,) = read_results(out)
+    assert record["status"] == "ok", record["error"]
+    assert record["warm_compile"] is False and record["compile_s"] > 0
+    assert record["warm_compile_s"] is None and record["warm_tuning_only_compile_s"] is None
+
+
 def test_hung_rows_are_killed_recorded_and_the_run_goes_on(tmp_path):
     out = str(tmp_path / "run")
     argv = ["--models", "tiny", "--modes", "infer", "--backends", "eager,graphopt", "--device", "cpu"]
@@ -200,7 +211,7 @@ def test_a_failing_row_records_its_error(tmp_path):
 
 
 _RUN = {"run_id": "r1", "date": "2026-01-01T00:00:00+00:00", "command": "python -m benchmarks.run", "git_commit": None}
-_SETTINGS = {"steps": 20, "warmup": 3, "input_sets": 3}
+_SETTINGS = {"steps": 20, "warmup": 3, "input_sets": 3, "warm_compile": True}
 
 
 def _gpu_record(mode: str, backend: str, step_ms: float, peak_gib: float, budget: float | None = None) -> dict:
