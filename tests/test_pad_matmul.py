@@ -126,22 +126,35 @@ def test_lm_head_with_odd_vocabulary_trains_like_eager(monkeypatch):
     assert sorted(len(n.users) for n in pads) == [1, 2], [n.format_node() for n in pads]
 
 
-def _compiled_inference(monkeypatch, model, x):
+class _OddHead(torch.nn.Module):
+    """A bias-free head of odd width (61) whose forward returns `outputs(logits)`."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.head = torch.nn.Linear(24, 61, bias=False)
+        self.outputs = outputs
+
+    def forward(self, x):
+        return self.outputs(self.head(x))
+
+
+def _inference_against_eager(monkeypatch, model):
+    """The model's outputs compiled with padding forced on, eager's, and the compiled graph."""
     monkeypatch.setattr(pad_matmul, "device_spec", lambda device: SLOW_MATMUL_SPEC)
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 24)
     with events.capture() as graphs, torch.no_grad():
         out = torch.compile(model, backend="graphopt")(x)
+        expected = model(x)
     (graph,) = graphs
-    return out, graph.output_gm
+    return out, expected, graph.output_gm
 
 
 def test_inference_returns_a_padded_product_with_padded_rows(monkeypatch):
     """Like inductor's pad_mm: logits that are only returned keep the padded row stride (no copy)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 61, bias=False))
-    x = torch.randn(3, 16, 24)
-    out, gm = _compiled_inference(monkeypatch, model, x)
-    with torch.no_grad():
-        expected = model(x)
+    out, expected, gm = _inference_against_eager(monkeypatch, model)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert out.shape == expected.shape and out.stride() == (16 * 64, 64, 1)
     assert not any(n.target == aten.clone.default for n in gm.graph.nodes)
@@ -150,20 +163,8 @@ def test_inference_returns_a_padded_product_with_padded_rows(monkeypatch):
 def test_inference_copies_a_padded_product_that_is_also_computed_on(monkeypatch):
     """A consumer besides the output (here the softmax) gets the promised contiguous layout."""
     torch.manual_seed(0)
-
-    class LogitsAndProbs(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = torch.nn.Linear(24, 61, bias=False)
-
-        def forward(self, x):
-            logits = self.head(x)
-            return logits, logits.softmax(-1)
-
-    model, x = LogitsAndProbs(), torch.randn(3, 16, 24)
-    (logits, probs), _ = _compiled_inference(monkeypatch, model, x)
-    with torch.no_grad():
-        expected_logits, expected_probs = model(x)
+    model = _OddHead(lambda logits: (logits, logits.softmax(-1)))
+    (logits, probs), (expected_logits, expected_probs), _ = _inference_against_eager(monkeypatch, model)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(probs, expected_probs, rtol=1e-5, atol=1e-6)
     assert logits.stride() == expected_logits.stride()
@@ -178,7 +179,7 @@ def test_only_outputs_the_caller_gets_keep_padded_rows(user_outputs):
         make_fx(lambda a, b: (a @ b, (a @ b).view(4, 4, 61)), tracing_mode="fake")(a, b), SLOW_MATMUL_SPEC, user_outputs
     )
     gm.recompile()
-    first, second = gm(a, b)
+    _, second = gm(a, b)
     torch.testing.assert_close(second, (a @ b).view(4, 4, 61), rtol=1e-5, atol=1e-5)
     copied = {1: True, 2: False}[user_outputs]
     assert (aten.clone.default in _targets(gm)) == copied
@@ -188,23 +189,11 @@ def test_only_outputs_the_caller_gets_keep_padded_rows(user_outputs):
 @pytest.mark.parametrize("replay_views", [True, False])
 def test_outputs_aliasing_a_padded_product_equal_eager(monkeypatch, replay_views):
     """AOTAutograd rebuilds outputs that alias each other from one base, replaying the views (or with
-    as_strided when view replay is off): both must see the padded rows."""
+    as_strided when view replay is off): each must see the padded rows."""
     torch.manual_seed(0)
-
-    class Aliases(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = torch.nn.Linear(24, 61, bias=False)
-
-        def forward(self, x):
-            logits = self.head(x)
-            return logits, logits.view(-1, 61), logits.view(3, 4, 4, 61)
-
-    model, x = Aliases(), torch.randn(3, 16, 24)
+    model = _OddHead(lambda logits: (logits, logits.view(-1, 61), logits.view(3, 4, 4, 61)))
     with torch._functorch.config.patch(view_replay_for_aliased_outputs=replay_views):
-        outs, _ = _compiled_inference(monkeypatch, model, x)
-    with torch.no_grad():
-        expected = model(x)
+        outs, expected, _ = _inference_against_eager(monkeypatch, model)
     for out, want in zip(outs, expected):
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert outs[0].stride() == (16 * 64, 64, 1)
