@@ -198,8 +198,10 @@ def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callab
             allocated = torch.cuda.memory_stats(device)["allocation.all.allocated"] - allocations
             record["allocations_per_step"] = allocated / len(times)
         save()
+        # (not inductor's CUDA-graph rows: its graph trees of the first compile outlive a Dynamo reset)
         warm = record["warm_compile"] and (
-            row.backend == "inductor" or (row.backend == "graphopt" and backends.supports_warm_cache())
+            (row.backend == "inductor" and not row.cuda_graphs)
+            or (row.backend == "graphopt" and backends.supports_warm_cache())
         )
         if warm:
             del compiled, step
