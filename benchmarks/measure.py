@@ -198,7 +198,7 @@ def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callab
             allocated = torch.cuda.memory_stats(device)["allocation.all.allocated"] - allocations
             record["allocations_per_step"] = allocated / len(times)
         save()
-        # (not inductor's CUDA-graph rows: its graph trees of the first compile outlive a Dynamo reset)
+        # (not inductor's CUDA-graph rows: its CUDA graph trees of the first compile are still alive then)
         warm = record["warm_compile"] and (
             (row.backend == "inductor" and not row.cuda_graphs)
             or (row.backend == "graphopt" and backends.supports_warm_cache())
