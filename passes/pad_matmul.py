@@ -262,6 +262,8 @@ def pad_matmuls(
         if plan is None or not _worth_it(plan, a, b, spec):
             continue
         returned_views = _returned_through_row_views(node, plan.n, user_outputs)
+        if returned_views and plan.pad_m and a.dim() > 2:
+            returned_views = None  # its rows are evenly spaced only within a batch: a view may merge batches
         replacement = _rewrite(gm.graph, node, plan, pads, copy_back=returned_views is None)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)

@@ -197,3 +197,17 @@ def test_outputs_aliasing_a_padded_product_equal_eager(monkeypatch, replay_views
     for out, want in zip(outs, expected):
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert outs[0].stride() == (16 * 64, 64, 1)
+
+
+def test_a_batched_product_padded_in_m_is_copied_for_views_that_merge_its_batches():
+    """A bmm whose column-major operand was padded in M has rows a padded stride apart only within
+    each batch: a returned view over batch and rows (here (3, 19, 61) as (57, 61)) cannot view the
+    slice, and the pass failed, sending the whole graph to eager ATen."""
+    a, b = torch.randn(3, 40, 19), torch.randn(3, 40, 61)
+    fn = lambda a, b: torch.bmm(a.transpose(1, 2), b).view(57, 61)  # noqa: E731
+    gm, padded = pad_matmul.pad_matmuls(make_fx(fn, tracing_mode="fake")(a, b), SLOW_MATMUL_SPEC, user_outputs=1)
+    assert [p.padded for p in padded] == [(3, 20, 40, 64)]
+    gm.recompile()
+    actual = gm(a, b)
+    torch.testing.assert_close(actual, fn(a, b), rtol=1e-5, atol=1e-5)
+    assert actual.is_contiguous()
