@@ -13,8 +13,10 @@ slice is copied to the layout the graph promised (the copy fuses into the consum
 when that is pointwise). A product that is only returned to the caller (through
 views that keep its rows, like GPT-2's logits) is returned as the slice: its rows
 keep the padded stride, as inductor's pad_mm returns them, saving the copy (0.43 ms
-and 0.77 GiB of GPT-2's logits on an H200). Values the forward graph saves for the
-backward keep the copy: the backward graph was traced for their layout.
+and 0.77 GiB of GPT-2's logits on an H200). So a caller that views them as if they
+were contiguous (`logits.view(-1)`) gets torch's view error, as after inductor, whose
+user-visible views keep only their stride order; `reshape` works. Values the forward
+graph saves for the backward keep the copy: the backward graph was traced for their layout.
 A product is padded only when the roofline says the copies
 cost less than the align-1 slowdown saves (the device's misaligned_matmul_slowdown
 in cost_model/roofline.py: 1.0 on the CPU, where the pass does nothing). Static
