@@ -50,6 +50,7 @@ class GraphoptOutputCode(OutputCode):
     cuda_graphs: bool = False
     compiled: CompiledGraph | None = None
     payload: bytes | None = None  # GraphPickler bytes of the picklable graph; set only on the copy torch saves
+    not_kept: str | None = None  # why torch's cache must not keep this graph's entry (graphopt/artifact_cache.py)
     digest: str = ""  # sha256 of payload: a damaged entry is caught before it is unpickled
 
     def __post_init__(self) -> None:
@@ -60,6 +61,10 @@ class GraphoptOutputCode(OutputCode):
 
     def prepare_for_serialization(self) -> None:
         """Runs on the copy torch pickles (the live one keeps running)."""
+        if self.not_kept is not None:
+            from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache
+
+            raise BypassAOTAutogradCache(self.not_kept)
         try:
             self.payload = _dumps(self.compiled.gm)
         except Exception as e:  # torch then skips the entry; the compile itself is unaffected
@@ -105,8 +110,10 @@ class GraphoptOutputCode(OutputCode):
         """graphopt's kernels come back through Triton's own cache, not a bundle."""
 
 
-def output_code(compiled: CompiledGraph) -> GraphoptOutputCode:
-    return GraphoptOutputCode(name=compiled.name, cuda_graphs=compiled.cuda_graph is not None, compiled=compiled)
+def output_code(compiled: CompiledGraph, not_kept: str | None = None) -> GraphoptOutputCode:
+    return GraphoptOutputCode(
+        name=compiled.name, cuda_graphs=compiled.cuda_graph is not None, compiled=compiled, not_kept=not_kept
+    )
 
 
 class _Held(torch.nn.Module):

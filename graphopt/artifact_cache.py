@@ -131,4 +131,20 @@ def serializable(compile_fn: Callable[[fx.GraphModule, Any], CompiledGraph]) -> 
 
     from graphopt.artifact import GraphoptOutputCode, output_code
 
-    return SerializableAOTDispatchCompiler(GraphoptOutputCode, lambda gm, inputs: output_code(compile_fn(gm, inputs)))
+    return SerializableAOTDispatchCompiler(
+        GraphoptOutputCode, lambda gm, inputs: output_code(compile_fn(gm, inputs), _replayed_aliases())
+    )
+
+
+def _replayed_aliases() -> str | None:
+    """Why the graph AOTAutograd is compiling must not be kept: outputs that alias another value are
+    rebuilt at run time by replaying their views (ViewMeta sequences) on it, and the sequences torch's
+    cache loads back replay to garbage sizes (torch 2.11 and 2.13, inductor alike: a training model
+    returning `logits, logits.view(-1, n)` fails its second compile; pytorch/pytorch#177812)."""
+    from torch._guards import TracingContext
+
+    tracing = TracingContext.try_get()
+    meta = getattr(tracing, "fw_metadata", None)
+    if meta is None or not any(getattr(info, "view_meta_sequence", None) is not None for info in meta.output_info):
+        return None
+    return "graphopt: outputs that alias another value are rebuilt by view replay, which fails after a cache load"
