@@ -18,8 +18,9 @@ new folder starts cold, as the tuning cache does.
 
 Not used when a compile must really run: `debug_dir` asks for every pass's records,
 something listens to compiles (graphopt.events: the CLI, tests), or bisect selects
-passes. A graph whose outputs alias one another is compiled but not kept (torch replays their
-views wrongly after loading, `_replayed_aliases`). torch's switches turn it off (TORCHINDUCTOR_AUTOGRAD_CACHE=0,
+passes. A graph with an output that is a view of another value (an input, an intermediate,
+another output) is compiled but not kept: torch replays such views wrongly after loading
+(`_replayed_aliases`). torch's switches turn it off (TORCHINDUCTOR_AUTOGRAD_CACHE=0,
 torch.compiler.config.force_disable_caches). A torch without these APIs compiles as
 before, with one warning.
 
