@@ -236,7 +236,7 @@ def _returned_through_row_views(node: fx.Node, n: int, user_outputs: int) -> lis
         if user.op == "output":
             outputs = user.args[0] if isinstance(user.args[0], (list, tuple)) else [user.args[0]]
             positions = [i for i, out in enumerate(outputs) if out is node]
-            if max(positions) >= user_outputs:
+            if not positions or max(positions) >= user_outputs:  # none: inside a nested output structure
                 return None
             continue
         if user.op != "call_function" or user.target not in _ROW_VIEWS or user.meta["val"].shape[-1] != n:
