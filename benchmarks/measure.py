@@ -203,14 +203,15 @@ def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callab
             (row.backend == "inductor" and not row.cuda_graphs)
             or (row.backend == "graphopt" and backends.supports_warm_cache())
         )
-        if warm:
-            del compiled, step
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        if warm and row.backend == "inductor":
+        if not warm:
+            return
+        del compiled, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if row.backend == "inductor":
             _warm_compile_inductor(model, row, inputs, device, record)
-        elif warm:
+        else:
             _warm_compile(model, row, cache_dir, inputs, device, record)
 
 
