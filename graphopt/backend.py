@@ -73,7 +73,7 @@ def compile_graph(
     """Run the pass pipeline on one ATen graph; if it fails, the graph runs as eager ATen.
 
     `earlier_records`: passes that made `gm` before the pipeline (the remat partition);
-    `user_outputs`: PassContext.user_outputs (an inference graph's are all its outputs)."""
+    `user_outputs`: PassContext.user_outputs."""
     name = _graph_name(kind, graph_id)
     device = _device_of(example_inputs)
     ctx = PassContext(
@@ -83,7 +83,7 @@ def compile_graph(
         example_inputs=example_inputs,
         device=device,
         cache=open_graph_cache(gm, example_inputs, options, device, name),
-        user_outputs=len(gm.graph.output_node().args[0]) if kind == "inference" else user_outputs,
+        user_outputs=user_outputs,
     )
     try:
         result = run_pipeline(gm, ctx)
@@ -124,7 +124,9 @@ def _compilers(options: Options, cached: bool) -> dict[str, Callable[..., Any]]:
     def compiler(kind: GraphKind):
         def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CompiledGraph:
             earlier = partition.take_records() if kind == "forward" else []
-            user_outputs = partition.num_fwd_outputs if kind == "forward" else 0
+            # the caller gets all of an inference graph's outputs, a forward graph's before its saved values
+            returned = {"forward": partition.num_fwd_outputs, "inference": len(gm.graph.output_node().args[0])}
+            user_outputs = returned.get(kind, 0)
             with _heap_frozen():  # AOTAutograd compiles the backward lazily, at the first backward call
                 return compile_graph(gm, example_inputs, kind, options, graph_id, earlier, user_outputs)
 
