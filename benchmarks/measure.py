@@ -197,6 +197,7 @@ def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callab
             record["peak_bytes"] = torch.cuda.max_memory_allocated(device)
             allocated = torch.cuda.memory_stats(device)["allocation.all.allocated"] - allocations
             record["allocations_per_step"] = allocated / len(times)
+            record["host_ms_median"] = statistics.median(timing.host_ms(step, 0, len(inputs) * 3, device))
         save()
         # (not inductor's CUDA-graph rows: its CUDA graph trees of the first compile are still alive then)
         warm = record["warm_compile"] and (

@@ -70,6 +70,7 @@ def profile_row(row: Row, device: torch.device, top: int, host: bool = False) ->
         for i in range(4):
             step(i)
     step_ms = statistics.median(timing.time_steps(step, 4, 10, device))
+    host_ms = statistics.median(timing.host_ms(step, 4, 10, device))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(_PROFILED_STEPS):
             step(i)
@@ -84,6 +85,7 @@ def profile_row(row: Row, device: torch.device, top: int, host: bool = False) ->
     return {
         "key": row.key,
         "step_ms": step_ms,
+        "host_ms": host_ms,
         "kernel_ms_per_step": sum(totals.values()) / _PROFILED_STEPS,
         "launches_per_step": sum(counts.values()) / _PROFILED_STEPS,
         "top_kernels": [
@@ -125,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile.json").write_text(json.dumps(results, indent=1))
-    print("| row | step ms | kernel ms | launches |")
-    print("|---|---|---|---|")
+    print("| row | step ms | host ms | kernel ms | launches |")
+    print("|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['key']} | error | | |")
+            print(f"| {r['key']} | error | | | |")
         else:
-            print(f"| {r['key']} | {r['step_ms']:.2f} | {r['kernel_ms_per_step']:.2f} | {r['launches_per_step']:.0f} |")
+            print(
+                f"| {r['key']} | {r['step_ms']:.2f} | {r['host_ms']:.2f} | {r['kernel_ms_per_step']:.2f}"
+                f" | {r['launches_per_step']:.0f} |"
+            )
     return 0
 
 

@@ -56,6 +56,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "step_ms": (list,),
     "peak_bytes": _OPTIONAL_NUMBER,
     "allocations_per_step": _OPTIONAL_NUMBER,  # caching-allocator allocations (CUDA), host work per step
+    "host_ms_median": _OPTIONAL_NUMBER,  # the host's time to issue one step from an idle GPU (CUDA)
     "compile_s": _OPTIONAL_NUMBER,
     "warm_tuning_only_compile_s": _OPTIONAL_NUMBER,
     "warm_compile_s": _OPTIONAL_NUMBER,
@@ -74,6 +75,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "warm_aot_cache": None,
     "allocations_per_step": None,
     "warm_compile": True,
+    "host_ms_median": None,
 }
 
 

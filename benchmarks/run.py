@@ -139,6 +139,8 @@ def _summary(record: dict[str, Any]) -> str:
     peak = f", peak {record['peak_bytes'] / 2**30:.2f} GiB" if record["peak_bytes"] is not None else ""
     if record["allocations_per_step"] is not None:
         peak += f", {record['allocations_per_step']:.0f} allocations/step"
+    if record["host_ms_median"] is not None:
+        peak += f", host {record['host_ms_median']:.2f} ms/step"
     warm = f", warm {record['warm_compile_s']:.1f} s" if record["warm_compile_s"] is not None else ""
     return f"[green]ok[/]: {record['step_ms_median']:.2f} ms{peak}, first call {record['compile_s']:.1f} s{warm}"
 

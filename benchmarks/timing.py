@@ -46,6 +46,23 @@ def time_steps(step: Callable[[int], None], first: int, count: int, device: torc
     return times
 
 
+def host_ms(step: Callable[[int], None], first: int, count: int, device: torch.device) -> list[float]:
+    """Milliseconds the host takes to issue `step(i)` (Python, launches) from an idle device.
+
+    The device is synchronized before each step, so the host is never held back by a full
+    launch queue and the time is the host's own. A step whose host time is near its device
+    time (time_steps) is host-bound: any host hiccup leaves the GPU idle, and step times
+    vary from step to step."""
+    times = []
+    for i in range(first, first + count):
+        synchronize(device)
+        begin = time.perf_counter()
+        step(i)
+        times.append((time.perf_counter() - begin) * 1e3)
+    synchronize(device)
+    return times
+
+
 def time_call_s(call: Callable[[], None], device: torch.device) -> float:
     """Wall seconds of one call up to the completion of its device work (first calls: compile included)."""
     synchronize(device)

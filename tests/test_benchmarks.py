@@ -280,3 +280,19 @@ def test_host_profile_ranks_functions_by_their_own_time_per_step():
     assert any("slow_helper" in row["function"] or "genexpr" in row["function"] for row in top[:2])
     assert all(row["own_us_per_step"] >= 0 for row in top)
     assert max(row["calls_per_step"] for row in top if "slow_helper" in row["function"]) == 1
+
+
+def test_host_ms_times_each_step_on_its_own():
+    import time
+
+    from benchmarks.timing import host_ms
+
+    seen = []
+
+    def step(i):
+        seen.append(i)
+        time.sleep(0.004 if i == 3 else 0.0)
+
+    times = host_ms(step, 2, 3, torch.device("cpu"))
+    assert seen == [2, 3, 4]
+    assert times[1] >= 4.0 and times[0] < 4.0 and times[2] < 4.0
