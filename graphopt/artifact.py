@@ -6,8 +6,9 @@ graphopt asks for that). A CompiledGraph does not pickle as is: its kernel nodes
 targets (GuardedCall -> FusedKernel) hold codegen plans full of fx.Nodes. Its
 picklable form is the final graph with each kernel node turned into a call of its
 eager fallback subgraph (a submodule named after the kernel), written by torch's
-GraphPickler, which keeps every node's meta['val']: the shapes, strides, dtypes and
-size symbols codegen plans from. Loading plans each subgraph again and makes its
+GraphPickler with the meta['val'] of the subgraphs' nodes (the shapes, strides, dtypes
+and size symbols codegen plans from) and of the graph's inputs (the runtime reads
+those), not of the graph's other nodes. Loading plans each subgraph again and makes its
 kernel as the fusion pass did (`fusion.kernel_call`); Triton's own on-disk cache
 keeps the kernel compiles cheap.
 
@@ -48,6 +49,7 @@ class GraphoptOutputCode(OutputCode):
 
     name: str = ""
     cuda_graphs: bool = False
+    cuda_device: str | None = None  # the CompiledGraph's: its saved graph keeps meta only on its inputs
     compiled: CompiledGraph | None = None
     payload: bytes | None = None  # GraphPickler bytes of the picklable graph; set only on the copy torch saves
     not_kept: str | None = None  # why torch's cache must not keep this graph's entry (graphopt/artifact_cache.py)
@@ -100,7 +102,8 @@ class GraphoptOutputCode(OutputCode):
                 CacheWarning,
             )
             raise
-        self.compiled = CompiledGraph(gm, self.name, cuda_graphs=self.cuda_graphs)
+        device = torch.device(self.cuda_device) if self.cuda_device is not None else None
+        self.compiled = CompiledGraph(gm, self.name, cuda_graphs=self.cuda_graphs, cuda_device=device)
         self.payload = None
 
     def post_compile(self, example_inputs: Any, constants: Any, graph_kwargs: Any) -> None:
@@ -111,8 +114,13 @@ class GraphoptOutputCode(OutputCode):
 
 
 def output_code(compiled: CompiledGraph, not_kept: str | None = None) -> GraphoptOutputCode:
+    device = str(compiled.cuda_device) if compiled.cuda_device is not None else None
     return GraphoptOutputCode(
-        name=compiled.name, cuda_graphs=compiled.cuda_graph is not None, compiled=compiled, not_kept=not_kept
+        name=compiled.name,
+        cuda_graphs=compiled.cuda_graph is not None,
+        cuda_device=device,
+        compiled=compiled,
+        not_kept=not_kept,
     )
 
 
@@ -175,6 +183,10 @@ def _dumps(gm: fx.GraphModule) -> bytes:
         if node.op == "call_function" and type(node.target).__module__.startswith("graphopt."):
             picklable.add_submodule(node.name, _Held(node.target, alike))
             _replace(graph, node, "call_module", node.name)
+        if node.op != "placeholder":
+            # nothing reads a compiled graph's inner values again (kernels are planned from their own
+            # subgraphs' meta, held whole), and their fake tensors are most of the bytes and of the load
+            node.meta.pop("val", None)
     # every op namespace, not only aten (torch's default filter): passes add prims ops (fusion's split
     # reductions convert their fp32 partial sums back), and an op that is gone when loading fails the
     # load, which compiles the graph again
@@ -182,7 +194,8 @@ def _dumps(gm: fx.GraphModule) -> bytes:
 
 
 def _kept_meta(key: str) -> bool:
-    """Only meta['val'] is read after compiling (by codegen and the runtime); the rest need not pickle."""
+    """Only meta['val'] is read after compiling (by codegen, of kernel subgraphs, and by the runtime, of
+    the graph's inputs); the rest need not pickle."""
     return key == "val"
 
 

@@ -184,12 +184,13 @@ class CompiledGraph:
     their outputs on, and launch to, the current device (codegen/launcher.py).
     """
 
-    def __init__(self, gm: fx.GraphModule, name: str, cuda_graphs: bool = False):
+    def __init__(self, gm: fx.GraphModule, name: str, cuda_graphs: bool = False, cuda_device: torch.device | None = None):
         self._boxed_call = True
         self.gm = gm
         self.name = name
         self._boxed_forward = _boxed(gm).forward
-        self.cuda_device = _cuda_device(gm)
+        # given when `gm` comes from a cache without the meta of its inner nodes (graphopt/artifact.py)
+        self.cuda_device = cuda_device or _cuda_device(gm)
         self.cuda_graph: CudaGraphRunner | None = None
         if cuda_graphs:
             dynamic = any(_is_symbolic(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")

@@ -148,6 +148,32 @@ def test_a_loaded_graph_generates_its_code_only_when_it_runs():
     torch.testing.assert_close(loaded(x, w), _layers(x, w), rtol=1e-4, atol=1e-5)
 
 
+def test_a_kept_graph_holds_values_of_its_inputs_and_kernel_subgraphs_only():
+    """Nothing reads the fake values of a compiled graph's inner nodes again: they are not kept (they
+    were most of an entry's bytes and load time); its inputs' and its kernels' subgraphs' are."""
+    x, w = torch.randn(4, 16), torch.randn(16, 16)
+    gm, _ = fuse(_layers, x, w)
+    loaded = artifact._loads(artifact._dumps(gm))
+    with_values = {n.op for n in loaded.graph.nodes if "val" in n.meta}
+    assert with_values == {"placeholder"}
+    for kernel in kernels(loaded):
+        assert all("val" in n.meta for n in kernel.fallback.graph.nodes if n.op != "output")
+    assert "val" in next(n for n in gm.graph.nodes if n.op == "call_function").meta  # the live graph keeps its own
+    torch.testing.assert_close(loaded(x, w), _layers(x, w), rtol=1e-4, atol=1e-5)
+
+
+def test_a_kept_graph_keeps_the_cuda_device_it_runs_on():
+    """The device a graph runs under was found from its nodes' values, which an entry no longer holds."""
+    from graphopt.runtime import CompiledGraph
+
+    x, w = torch.randn(4, 16), torch.randn(16, 16)
+    compiled = CompiledGraph(fuse(_layers, x, w)[0], "probe")
+    compiled.cuda_device = torch.device("cuda", 1)  # as found on a GPU (this test needs no GPU: nothing runs)
+    saved = artifact.output_code(compiled)
+    saved.prepare_for_serialization()
+    assert pickle.loads(pickle.dumps(saved)).compiled.cuda_device == torch.device("cuda", 1)
+
+
 def _mlp_step():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
