@@ -139,6 +139,17 @@ def _warm_compile_inductor(model, row, inputs, device, record: dict[str, Any]) -
     record["warm_aot_cache"] = {**aot_events, **fx_events, "problems": sorted(set(problems))}
 
 
+def _profile_warm_compile(model, row, cache_dir, inputs, device, record: dict[str, Any]) -> None:
+    """One more warm compile, under cProfile (the measured ones are not, cProfile slows them down):
+    `warm_compile_profile`, host seconds per package (benchmarks/compile_profile.py)."""
+    from benchmarks.compile_profile import profiled
+
+    torch._dynamo.reset()
+    compiled = backends.compile_model(model, row, cache_dir)
+    step = _step_function(compiled, model, row, inputs, device)
+    _, record["warm_compile_profile"] = profiled(lambda: timing.time_call_s(lambda: step(0), device))
+
+
 _AOT_CACHE_PROBLEMS = ("Bypassing", "unable to serialize", "unable to load")
 
 
@@ -214,6 +225,8 @@ def measure(row: Row, device: torch.device, record: dict[str, Any], save: Callab
             _warm_compile_inductor(model, row, inputs, device, record)
         else:
             _warm_compile(model, row, cache_dir, inputs, device, record)
+        if record["profile_warm_compile"]:
+            _profile_warm_compile(model, row, None if row.backend == "inductor" else cache_dir, inputs, device, record)
 
 
 def _import_ahead(row: Row) -> None:

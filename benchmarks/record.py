@@ -49,6 +49,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "warmup": (int,),
     "input_sets": (int,),
     "warm_compile": (bool,),  # whether the row measured warm compiles after its steps
+    "profile_warm_compile": (bool,),  # whether the last warm compile ran under cProfile
     "timer": _OPTIONAL_STR,
     "compile_options": (dict,),
     # what was measured (null when the row did not get that far)
@@ -61,6 +62,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "warm_tuning_only_compile_s": _OPTIONAL_NUMBER,
     "warm_compile_s": _OPTIONAL_NUMBER,
     "warm_aot_cache": (dict, type(None)),
+    "warm_compile_profile": (dict, type(None)),  # benchmarks.compile_profile.summarize of the last warm compile
     "warm_cache_hits": _OPTIONAL_NUMBER,
     "warm_cache_misses": _OPTIONAL_NUMBER,
     "graph_breaks": _OPTIONAL_NUMBER,
@@ -76,6 +78,8 @@ ADDED_FIELDS: dict[str, Any] = {
     "allocations_per_step": None,
     "warm_compile": True,
     "host_ms_median": None,
+    "profile_warm_compile": False,
+    "warm_compile_profile": None,
 }
 
 

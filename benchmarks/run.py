@@ -123,6 +123,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="skip the warm compiles after the timed steps (sweeps that measure steps and memory only)",
     )
+    parser.add_argument(
+        "--profile-warm-compile",
+        action="store_true",
+        help="cProfile each row's last warm compile: host seconds per package (torch's Dynamo, AOTAutograd, graphopt, triton ...)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--time-budget-s", type=float, default=None, help="skip rows that no longer fit; no limit if unset")
     parser.add_argument("--row-timeout-s", type=float, default=600.0, help="kill a row's process after this long")
@@ -142,6 +147,10 @@ def _summary(record: dict[str, Any]) -> str:
     if record["host_ms_median"] is not None:
         peak += f", host {record['host_ms_median']:.2f} ms/step"
     warm = f", warm {record['warm_compile_s']:.1f} s" if record["warm_compile_s"] is not None else ""
+    profile = record["warm_compile_profile"]
+    if profile:
+        shares = [f"{name} {seconds / profile['total_s']:.0%}" for name, seconds in list(profile["by_package"].items())[:4]]
+        warm += f" ({', '.join(shares)})"
     return f"[green]ok[/]: {record['step_ms_median']:.2f} ms{peak}, first call {record['compile_s']:.1f} s{warm}"
 
 
@@ -158,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": environment.command_line(argv),
         "git_commit": args.git_commit or environment.git_commit(),
     }
-    settings = {"steps": args.steps, "warmup": args.warmup, "input_sets": args.input_sets, "warm_compile": args.warm_compile}
+    settings = {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "input_sets": args.input_sets,
+        "warm_compile": args.warm_compile,
+        "profile_warm_compile": args.profile_warm_compile,
+    }
     rows = plan_rows(
         args.models,
         args.modes,

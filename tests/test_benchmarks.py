@@ -164,6 +164,30 @@ def test_no_warm_compile_skips_the_warm_compiles(tmp_path):
     assert record["warm_compile_s"] is None and record["warm_tuning_only_compile_s"] is None
 
 
+def test_a_profiled_warm_compile_says_which_packages_took_the_time(tmp_path):
+    out = str(tmp_path / "run")
+    argv = ["--models", "tiny", "--modes", "infer", "--backends", "graphopt", "--device", "cpu", "--profile-warm-compile"]
+    assert run.main([*argv, "--out", out]) == 0
+    (record,) = read_results(out)
+    assert record["status"] == "ok", record["error"]
+    profile = record["warm_compile_profile"]
+    assert profile["by_package"]["dynamo"] > 0 and profile["by_package"]["graphopt"] > 0
+    assert abs(sum(profile["by_package"].values()) - profile["total_s"]) < 1e-6
+    assert record["warm_compile_s"] is not None  # measured without the profiler, before it
+
+
+def test_profiled_functions_are_told_apart_by_package():
+    import graphopt.runtime
+    from benchmarks.compile_profile import package_of
+
+    assert package_of(graphopt.runtime.__file__) == "graphopt"
+    assert package_of("<graphopt launcher fused_0>") == "graphopt"
+    assert package_of(torch._dynamo.convert_frame.__file__) == "dynamo"
+    assert package_of(torch.fx.graph.__file__) == "fx"
+    assert package_of(torch.nn.modules.module.__file__) == "torch (other)"
+    assert package_of("~") == "C builtins"
+
+
 def test_hung_rows_are_killed_recorded_and_the_run_goes_on(tmp_path):
     out = str(tmp_path / "run")
     argv = ["--models", "tiny", "--modes", "infer", "--backends", "eager,graphopt", "--device", "cpu"]
