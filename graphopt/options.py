@@ -82,6 +82,14 @@ class Options:
         "True | False",
         "zero-pad matrix products whose sizes break cuBLAS's 16-byte alignment (CUDA), when the roofline says it pays",
     )
+    recompute_prologues: bool = _option(
+        False,
+        _as_bool,
+        "True | False",
+        "give reductions across rows (bias and norm-weight gradients) their own copy of the pointwise work they"
+        " read instead of reading it from memory, and merge such reductions that read the same inputs"
+        " (off until measured on a GPU)",
+    )
     planned_views: bool = _option(
         True,
         _as_bool,

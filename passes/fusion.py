@@ -43,7 +43,7 @@ from graphopt.codegen import compiler, heuristics, lowerings
 from graphopt.codegen.kernel import CannotGenerate, external_inputs, node_kind
 from graphopt.cost_model import roofline
 from graphopt.fallback import warn_fallback
-from graphopt.passes import fusion_cache
+from graphopt.passes import fusion_cache, reduction_prologues
 from graphopt.passes.fusion_plans import Plans
 from graphopt.passes.graph_edit import call_with_meta
 from graphopt.pipeline import PassContext, PassReport, node_op_name
@@ -80,6 +80,7 @@ class FusionReport(PassReport):
     rejected: list[RejectedMerge]
     not_fused: dict[str, str]  # node -> why it stays an ATen call (only for pointwise-like ops)
     split_reductions: list[str] = dataclasses.field(default_factory=list)
+    recomputed_prologues: list[str] = dataclasses.field(default_factory=list)
     skipped: str | None = None
 
     def summary(self) -> str:
@@ -87,9 +88,10 @@ class FusionReport(PassReport):
             return f"fusion skipped: {self.skipped}"
         fused = sum(len(g.nodes) for g in self.groups)
         saved = sum(g.unfused_seconds - g.estimated_seconds for g in self.groups)
+        recomputed = f"; {len(self.recomputed_prologues)} reductions recompute their prologue" if self.recomputed_prologues else ""
         return (
             f"{len(self.groups)} kernels from {fused} nodes (roofline: {saved * 1e6:.1f} us saved); "
-            f"{len(self.rejected)} merges rejected; {len(self.not_fused)} pointwise nodes left to ATen"
+            f"{len(self.rejected)} merges rejected; {len(self.not_fused)} pointwise nodes left to ATen{recomputed}"
         )
 
 
@@ -316,7 +318,9 @@ def _try_merge(
     return grouping.merge(a, b, why)
 
 
-def _form_groups(nodes: list[fx.Node], fusable: set[fx.Node], plans: Plans, rejected: list[RejectedMerge]) -> _Grouping:
+def _form_groups(
+    nodes: list[fx.Node], fusable: set[fx.Node], plans: Plans, rejected: list[RejectedMerge], clusters: bool = False
+) -> _Grouping:
     grouping = _Grouping(nodes)
     for node in nodes:
         grouping.unit(node)
@@ -338,7 +342,7 @@ def _form_groups(nodes: list[fx.Node], fusable: set[fx.Node], plans: Plans, reje
             why = f"vertical: {producer.name} into {node.name}"
             merged = _try_merge(grouping, plans, grouping.unit(producer), current, why, rejected)
             current = merged or current
-    _horizontal(nodes, fusable, grouping, plans, rejected)
+    _horizontal(nodes, fusable, grouping, plans, rejected, clusters)
     return grouping
 
 
@@ -352,9 +356,16 @@ def _free_chain(node: fx.Node, fusable: set[fx.Node]) -> list[fx.Node]:
 
 
 def _horizontal(
-    nodes: list[fx.Node], fusable: set[fx.Node], grouping: _Grouping, plans: Plans, rejected: list[RejectedMerge]
+    nodes: list[fx.Node],
+    fusable: set[fx.Node],
+    grouping: _Grouping,
+    plans: Plans,
+    rejected: list[RejectedMerge],
+    clusters: bool,
 ) -> None:
-    """Merge groups that read the same tensor, so it is read once."""
+    """Merge groups that read the same tensor, so it is read once. Each reader merges into the first
+    reader; with `clusters`, a reader that cannot (another iteration space) tries the other readers
+    that could not either (a layer norm's weight and bias gradients, beside its input gradient)."""
     for node in nodes:
         if not isinstance(node.meta.get("val"), torch.Tensor):
             continue
@@ -366,12 +377,16 @@ def _horizontal(
                     readers.append(g)
         if len(readers) < 2:
             continue
-        current = readers[0]
+        merged_into = [readers[0]]
         for other in readers[1:]:
-            if other is current:
-                continue
-            merged = _try_merge(grouping, plans, current, other, f"horizontal: both read {node.name}", rejected)
-            current = merged or current
+            why = f"horizontal: both read {node.name}"
+            for i, current in enumerate(merged_into if clusters else merged_into[:1]):
+                merged = _try_merge(grouping, plans, current, other, why, rejected)
+                if merged is not None:
+                    merged_into[i] = merged
+                    break
+            else:
+                merged_into.append(other)
 
 
 def _subgraph(name: str, members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):
@@ -458,12 +473,11 @@ def _plan_kernels(grouping: _Grouping, fusable: set[fx.Node], plans: Plans, ctx:
 
 
 def _decide(
-    nodes: list[fx.Node], fusable: set[fx.Node], ctx: PassContext, key: str | None
+    nodes: list[fx.Node], fusable: set[fx.Node], ctx: PassContext, key: str | None, plans: Plans
 ) -> tuple[_Grouping, list[RejectedMerge], list[_Planned]]:
     """The groups, the rejected merges and the planned kernels: from the tuning cache's entry for
     this graph if codegen plans its groups as it did when they were stored, else formed here and stored."""
     cache = ctx.cache
-    plans = Plans()
     if cache is not None:
 
         def decode(value: Any) -> tuple[_Grouping, list[RejectedMerge], list[_Planned]]:
@@ -478,7 +492,7 @@ def _decide(
         if hit is not None:
             return hit
     rejected: list[RejectedMerge] = []
-    grouping = _form_groups(nodes, fusable, plans, rejected)
+    grouping = _form_groups(nodes, fusable, plans, rejected, clusters=ctx.options.recompute_prologues)
     planned = _plan_kernels(grouping, fusable, plans, ctx)
     if cache is not None:
         groups = [(p.group.members, p.group.merges, p.spec is not None) for p in planned]
@@ -617,9 +631,15 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, FusionRep
         elif why is not None:
             not_fused[node.name] = why
             warn_fallback(str(node.target), why)
+    plans = Plans()
+    recomputed = []
+    if ctx.options.recompute_prologues:
+        recomputed = reduction_prologues.privatize(gm.graph, fusable, plans)
+        gm.graph.eliminate_dead_code()  # chain nodes only the reductions read are now read by no one
+        fusable &= set(gm.graph.nodes)
     _private_free_chains(gm.graph, fusable)
     nodes = list(gm.graph.nodes)
-    grouping, rejected, planned = _decide(nodes, fusable, ctx, key)
+    grouping, rejected, planned = _decide(nodes, fusable, ctx, key, plans)
     groups = _rewrite(gm, grouping, planned, ctx)
     gm.graph.eliminate_dead_code()
-    return gm, FusionReport(groups, rejected, not_fused, split)
+    return gm, FusionReport(groups, rejected, not_fused, split, recomputed)

@@ -15,10 +15,12 @@ from graphopt.pipeline import PassContext
 from graphopt.runtime import GuardedCall
 
 
-def fuse(fn: Callable[..., Any], *inputs: Any, dynamic: bool = False) -> tuple[fx.GraphModule, fusion.FusionReport]:
+def fuse(
+    fn: Callable[..., Any], *inputs: Any, dynamic: bool = False, options: Options | None = None
+) -> tuple[fx.GraphModule, fusion.FusionReport]:
     """`fn` traced to ATen (symbolic sizes if `dynamic`) and run through passes/fusion.py."""
     gm = make_fx(fn, tracing_mode="symbolic" if dynamic else "fake")(*inputs)
-    ctx = PassContext(options=Options(), graph_name="g0_test", kind="inference", example_inputs=inputs)
+    ctx = PassContext(options=options or Options(), graph_name="g0_test", kind="inference", example_inputs=inputs)
     out, report = fusion.run(gm, ctx)
     out.graph.lint()
     out.recompile()

@@ -1,0 +1,89 @@
+"""Reductions across rows recompute the pointwise work they share with a row kernel
+(passes/reduction_prologues.py, option recompute_prologues): values equal eager, the row
+kernel no longer writes the shared values, and the weight and bias gradients of a layer
+norm's backward become one kernel."""
+
+import pytest
+import torch
+from fusion_helpers import assert_matches, fuse, kernels
+
+from graphopt.options import Options
+
+RECOMPUTE = Options(recompute_prologues=True)
+
+
+def _layer_norm_backward(dy_bf16, xhat, rstd, w):
+    """A layer norm's backward as autocast's GPT-2 has it: the output gradient comes from a bf16
+    matrix product and is cast to fp32; the input gradient's row sums and the weight and bias
+    gradients' column sums all read the cast gradient and its product with the normalized input."""
+    dy = dy_bf16.float()
+    wdy = dy * w
+    width = xhat.shape[-1]
+    row_sum = wdy.sum(-1, keepdim=True)
+    row_dot = (wdy * xhat).sum(-1, keepdim=True)
+    dx = rstd / width * (wdy * width - row_sum - xhat * row_dot)
+    return dx, (dy * xhat).sum(0), dy.sum(0)
+
+
+def _inputs(rows=4096, width=32):
+    torch.manual_seed(0)
+    return (
+        torch.randn(rows, width).to(torch.bfloat16),
+        torch.randn(rows, width),
+        torch.rand(rows, 1) + 0.5,
+        torch.randn(width),
+    )
+
+
+def _full_size_outputs(gm, shape):
+    return sum(1 for k in kernels(gm) for o in k.primary.spec.outputs if tuple(o.meta["val"].shape) == shape)
+
+
+@pytest.mark.parametrize("rows", [64, 4096])  # 4096: the column sums are split in two steps
+def test_layer_norm_weight_and_bias_gradients_recompute_and_share_a_kernel(rows):
+    inputs = _inputs(rows)
+    before, _ = fuse(_layer_norm_backward, *inputs)
+    after, report = fuse(_layer_norm_backward, *inputs, options=RECOMPUTE)
+    assert len(report.recomputed_prologues) == 2, report.recomputed_prologues
+    # the row kernel writes only the input gradient, not the cast gradient and its product
+    assert _full_size_outputs(before, (rows, 32)) == 3 and _full_size_outputs(after, (rows, 32)) == 1
+    # the two column reductions (the split's first steps when split) are one kernel now
+    assert len(kernels(after)) == len(kernels(before)) - 1
+    expected = _layer_norm_backward(*inputs)
+    assert_matches(after(*inputs), expected, rtol=1e-4, atol=1e-4)
+    assert all(k.failed_reason is None for k in kernels(after))
+
+
+def test_a_chain_that_reads_a_fusable_reduction_is_left_alone():
+    """Its readers would join that reduction's kernel again: nothing to gain."""
+
+    def centered(x):
+        c = x - x.mean(-1, keepdim=True)
+        return (c * 2).sum(-1), (c * 3).sum(0)
+
+    x = torch.randn(64, 32)
+    gm, report = fuse(centered, x, options=RECOMPUTE)
+    assert report.recomputed_prologues == []
+    assert_matches(gm(x), centered(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("leaves, recomputed", [(2, True), (3, False)])
+def test_a_chain_is_recomputed_only_when_its_inputs_cost_no_more_than_its_result(leaves, recomputed):
+    """Reading two full-size inputs costs what writing and reading the shared product does; three cost more."""
+
+    def shared_product(*xs):
+        product = xs[0]
+        for x in xs[1:]:
+            product = product * x
+        return product.sum(-1), product.sum(0)
+
+    xs = [torch.randn(64, 32) for _ in range(leaves)]
+    gm, report = fuse(shared_product, *xs, options=RECOMPUTE)
+    assert bool(report.recomputed_prologues) == recomputed
+    assert_matches(gm(*xs), shared_product(*xs), rtol=1e-4, atol=1e-4)
+
+
+def test_off_by_default():
+    inputs = _inputs(64)
+    _, report = fuse(_layer_norm_backward, *inputs)
+    assert Options().recompute_prologues is False and report.recomputed_prologues == []
