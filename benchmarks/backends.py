@@ -34,6 +34,8 @@ def _graphopt_row_options(row: Row) -> dict[str, Any]:
         options["cuda_graphs"] = True
     if row.graphopt_off:
         options[row.graphopt_off] = False
+    if row.graphopt_on:
+        options[row.graphopt_on] = True
     return options
 
 

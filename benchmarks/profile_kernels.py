@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backends",
         default="inductor,graphopt",
-        help="also graphopt-cg (cuda_graphs on) and graphopt-no_OPTION (a boolean option off, e.g. graphopt-no_pad_matmuls)",
+        help="also graphopt-cg (cuda_graphs on), graphopt-no_OPTION (a boolean option off, e.g. graphopt-no_pad_matmuls)"
+        " and graphopt-with_OPTION (one on, e.g. graphopt-with_recompute_prologues)",
     )
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--host-profile", action="store_true", help="also cProfile the host side of a few steps")
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.backends.split(","):
                 backend, _, suffix = variant.partition("-")
                 off = suffix.removeprefix("no_") if suffix.startswith("no_") else None
-                row = Row(model=model, mode=mode, backend=backend, cuda_graphs=suffix == "cg", graphopt_off=off)
+                on = suffix.removeprefix("with_") if suffix.startswith("with_") else None
+                row = Row(model=model, mode=mode, backend=backend, cuda_graphs=suffix == "cg", graphopt_off=off, graphopt_on=on)
                 torch._dynamo.reset()
                 try:
                     result = profile_row(row, device, args.top, args.host_profile)

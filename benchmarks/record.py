@@ -38,6 +38,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "memory_budget": _OPTIONAL_NUMBER,
     "cuda_graphs": (bool,),
     "graphopt_off": _OPTIONAL_STR,
+    "graphopt_on": _OPTIONAL_STR,
     "status": (str,),
     "error": _OPTIONAL_STR,
     # where it ran (null when the row never started)
@@ -73,6 +74,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
 # Fields added after results were first committed: absent from older files, read as these values.
 ADDED_FIELDS: dict[str, Any] = {
     "graphopt_off": None,
+    "graphopt_on": None,
     "warm_tuning_only_compile_s": None,
     "warm_aot_cache": None,
     "allocations_per_step": None,

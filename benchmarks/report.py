@@ -170,7 +170,14 @@ def plot_pareto(records: list[dict[str, Any]], path: str) -> None:
         for r in train:
             if r["model"] == model:
                 unbudgeted = Row(
-                    r["model"], r["mode"], r["backend"], r["precision"], None, r["cuda_graphs"], r.get("graphopt_off")
+                    r["model"],
+                    r["mode"],
+                    r["backend"],
+                    r["precision"],
+                    None,
+                    r["cuda_graphs"],
+                    r.get("graphopt_off"),
+                    r.get("graphopt_on"),
                 )
                 series.setdefault(unbudgeted.label, []).append(r)
         for name, points in series.items():

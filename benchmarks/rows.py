@@ -1,7 +1,7 @@
 """What one benchmark row measures, and how a command line expands into rows.
 
 A row is one (model, mode, backend, precision, memory budget, CUDA graphs, graphopt
-option turned off) combination; it runs in its own process, so its name (`label`)
+option turned off or on) combination; it runs in its own process, so its name (`label`)
 and its configuration must round-trip through JSON.
 """
 
@@ -24,10 +24,12 @@ class Row:
     memory_budget: float | None = None
     cuda_graphs: bool = False
     graphopt_off: str | None = None  # a boolean graphopt option turned off (an ablation row)
+    graphopt_on: str | None = None  # a boolean graphopt option, off by default, turned on (a trial row)
 
     @property
     def label(self) -> str:
-        """The variant's name in tables and plots, e.g. `inductor-budget50-cg`, `graphopt-no_channels_last`."""
+        """The variant's name in tables and plots, e.g. `inductor-budget50-cg`, `graphopt-no_channels_last`,
+        `graphopt-with_recompute_prologues`."""
         parts = [self.backend]
         if self.memory_budget is not None:
             parts.append(f"budget{round(self.memory_budget * 100)}")
@@ -35,6 +37,8 @@ class Row:
             parts.append("cg")
         if self.graphopt_off:
             parts.append(f"no_{self.graphopt_off}")
+        if self.graphopt_on:
+            parts.append(f"with_{self.graphopt_on}")
         if self.precision != "bf16":
             parts.append(self.precision)
         return "-".join(parts)
@@ -56,12 +60,14 @@ def plan_rows(
     memory_budgets: Sequence[float],
     cuda_graphs: bool,
     graphopt_ablations: Sequence[str] = (),
+    graphopt_trials: Sequence[str] = (),
 ) -> list[Row]:
     """Every row of a run, model by model, so a run cut short by its time budget has whole models.
 
     Budget sweeps apply to training of the compiled backends (inference saves no
     activations); CUDA-graph rows are added for the compiled backends beside the
-    plain ones; each ablation adds a graphopt row with that option turned off.
+    plain ones; each ablation adds a graphopt row with that option turned off, each trial one
+    with that option turned on.
     """
     rows = []
     for model in models:
@@ -76,4 +82,5 @@ def plan_rows(
                         rows.extend(Row(model, mode, backend, precision, memory_budget=b) for b in memory_budgets)
                     if backend == "graphopt":
                         rows.extend(Row(model, mode, backend, precision, graphopt_off=o) for o in graphopt_ablations)
+                        rows.extend(Row(model, mode, backend, precision, graphopt_on=o) for o in graphopt_trials)
     return rows

@@ -17,6 +17,7 @@ import dataclasses
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -63,17 +64,23 @@ def _budgets(text: str) -> list[float]:
     return budgets
 
 
-def _ablations(text: str) -> list[str]:
-    from graphopt.options import Options
+def _boolean_options(default: bool) -> Callable[[str], list[str]]:
+    """Parses a comma-separated list of graphopt's boolean options whose default is `default`."""
 
-    switchable = [f.name for f in dataclasses.fields(Options) if f.default is True]
-    names = [n for n in text.split(",") if n]
-    unknown = [n for n in names if n not in switchable]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"not a graphopt option that is on by default: {', '.join(unknown)} (valid: {', '.join(switchable)})"
-        )
-    return names
+    def parse(text: str) -> list[str]:
+        from graphopt.options import Options
+
+        switchable = [f.name for f in dataclasses.fields(Options) if f.default is default]
+        names = [n for n in text.split(",") if n]
+        unknown = [n for n in names if n not in switchable]
+        if unknown:
+            state = "on" if default else "off"
+            raise argparse.ArgumentTypeError(
+                f"not a graphopt option that is {state} by default: {', '.join(unknown)} (valid: {', '.join(switchable)})"
+            )
+        return names
+
+    return parse
 
 
 def _steps(text: str) -> int:
@@ -110,9 +117,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--graphopt-ablations",
-        type=_ablations,
+        type=_boolean_options(default=True),
         default=[],
         help="comma-separated boolean graphopt options (default on) to also run turned off, e.g. channels_last,pad_matmuls",
+    )
+    parser.add_argument(
+        "--graphopt-trials",
+        type=_boolean_options(default=False),
+        default=[],
+        help="comma-separated boolean graphopt options (default off) to also run turned on, e.g. recompute_prologues",
     )
     parser.add_argument("--steps", type=_steps, default=MIN_TIMED_STEPS, help="timed steps per row (>= 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
@@ -182,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         args.memory_budgets,
         args.cuda_graphs,
         args.graphopt_ablations,
+        args.graphopt_trials,
     )
     console = Console(stderr=True)
     records: list[dict[str, Any]] = []

@@ -67,6 +67,15 @@ def test_ablation_rows_turn_one_graphopt_option_off():
         run.parse_args(["--graphopt-ablations", "memory_budget", "--out", "x"])
 
 
+def test_trial_rows_turn_one_graphopt_option_on():
+    rows = plan_rows(["tiny"], ["train"], ["graphopt"], ["bf16"], [], False, [], ["recompute_prologues"])
+    assert [r.label for r in rows] == ["graphopt", "graphopt-with_recompute_prologues"]
+    assert backends.compile_options(rows[1], None) == {"options": {"recompute_prologues": True}}
+    assert run.parse_args(["--graphopt-trials", "recompute_prologues", "--out", "x"]).graphopt_trials == ["recompute_prologues"]
+    with pytest.raises(SystemExit):  # on by default: an ablation, not a trial
+        run.parse_args(["--graphopt-trials", "fusion", "--out", "x"])
+
+
 def test_suite_models_build_lazily_and_tiny_runs():
     assert {"gpt2", "llama", "resnet50", "vit", "mlp", "tiny"} <= set(MODELS)
     spec = get_model("tiny")
@@ -235,7 +244,7 @@ def test_a_failing_row_records_its_error(tmp_path):
 
 
 _RUN = {"run_id": "r1", "date": "2026-01-01T00:00:00+00:00", "command": "python -m benchmarks.run", "git_commit": None}
-_SETTINGS = {"steps": 20, "warmup": 3, "input_sets": 3, "warm_compile": True}
+_SETTINGS = {"steps": 20, "warmup": 3, "input_sets": 3, "warm_compile": True, "profile_warm_compile": False}
 
 
 def _gpu_record(mode: str, backend: str, step_ms: float, peak_gib: float, budget: float | None = None) -> dict:
