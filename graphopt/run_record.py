@@ -22,6 +22,7 @@ from torch import fx
 
 from graphopt import cache, events, fallback
 from graphopt.cli_script import patched_compile, run_script
+from graphopt.passes.planned_views import PlannedView, alias
 from graphopt.pipeline import node_op_name
 
 RUN_FILE = "run.json"
@@ -141,12 +142,17 @@ def memory_timeline(gm: fx.GraphModule) -> list[tuple[str, int]]:
     for node in gm.graph.nodes:
         if node.op == "output":
             break
-        sizes[node] = 0 if node.target in _VIEWS else _nbytes(node.meta.get("val"))
+        sizes[node] = 0 if _is_view(node.target) else _nbytes(node.meta.get("val"))
         donors = [d for d in node.kwargs.get("reuse", ()) if d is not None]
         live += sizes[node] - sum(sizes[d] for d in donors)
         timeline.append((node.name, live))
         live -= sum(sizes[v] for v in freed_after.get(node, ()) if v not in donors)
     return timeline
+
+
+def _is_view(target: Any) -> bool:
+    """ATen's views, and planned_views' aliases of them (which add no memory either)."""
+    return target in _VIEWS or target is alias or isinstance(target, PlannedView)
 
 
 _VIEWS = {

@@ -35,6 +35,11 @@ class GuardedCall:
     kernel call, which on a GPU host is a measurable share of a small kernel's launch.
     `reuse` (dead buffers for the outputs, passes/buffer_reuse.py) goes to a launcher only:
     any other primary, and the eager fallback, allocate their own outputs.
+
+    When `fallback` is the group's subgraph with static output layouts (`layouts`), every
+    call returns exactly those: a launcher allocates them, and what another primary or the
+    fallback returns is copied into them where its strides differ. Views of the outputs
+    can then be made without checking strides (passes/planned_views.py).
     """
 
     __module__ = "graphopt.runtime"
@@ -43,8 +48,11 @@ class GuardedCall:
         self.__name__ = name
         self.__qualname__ = name
         self.primary = primary
-        self._call_primary = getattr(primary, "launch", None) or _without_reuse(primary)
         self.fallback = fallback
+        self.layouts = _static_output_layouts(fallback)
+        launch = getattr(primary, "launch", None)
+        self._call_primary = launch or self._conforming(_without_reuse(primary))
+        self._call_fallback = self._conforming(fallback)
         self.failed_reason: str | None = None
 
     def __call__(self, *args: Any, reuse: tuple[Any, ...] | None = None) -> Any:
@@ -54,7 +62,21 @@ class GuardedCall:
             except Exception as e:  # any failure of generated code must not kill the model
                 self.failed_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 warn_fallback(self.__name__, self.failed_reason)
-        return self.fallback(*args)
+        return self._call_fallback(*args)
+
+    def _conforming(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` with its outputs in `layouts`."""
+        layouts = self.layouts
+        if layouts is None:
+            return fn
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = fn(*args, **kwargs)
+            if isinstance(result, tuple):
+                return tuple(_in_layout(t, layout) for t, layout in zip(result, layouts))
+            return _in_layout(result, layouts[0])
+
+        return call
 
     def __repr__(self) -> str:
         return f"GuardedCall({self.__name__})"
@@ -65,6 +87,33 @@ def _without_reuse(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args)
 
     return call
+
+
+def _static_output_layouts(fallback: Any) -> list[tuple[tuple[int, ...], tuple[int, ...]]] | None:
+    """(size, stride) of each output of a fallback subgraph, if all are tensors of static layout."""
+    if not isinstance(fallback, fx.GraphModule):
+        return None
+    (output,) = fallback.graph.find_nodes(op="output")
+    results = output.args[0] if isinstance(output.args[0], tuple) else (output.args[0],)
+    layouts = []
+    for result in results:
+        val = result.meta.get("val") if isinstance(result, fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return None
+        size, stride = tuple(val.shape), tuple(val.stride())
+        if not all(type(v) is int for v in size + stride):
+            return None
+        layouts.append((size, stride))
+    return layouts
+
+
+def _in_layout(t: torch.Tensor, layout: tuple[tuple[int, ...], tuple[int, ...]]) -> torch.Tensor:
+    size, stride = layout
+    if all(a == s or n == 1 for a, s, n in zip(t.stride(), stride, size)):  # a size-1 dim's stride addresses nothing
+        return t
+    out = torch.empty_strided(size, stride, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
 
 
 class CudaGraphRunner:

@@ -29,7 +29,7 @@ from torch import fx
 
 from graphopt.codegen.indexing import product, same, size_expr
 from graphopt.cost_model.roofline import nbytes_hint, size_hint
-from graphopt.passes.planned_views import PlannedView
+from graphopt.passes.planned_views import PlannedView, alias
 from graphopt.pipeline import GraphKind, PassContext, PassReport
 from graphopt.runtime import GuardedCall
 
@@ -116,7 +116,7 @@ class _Storages:
                     self.owned.update(self.of[node])
         elif isinstance(target, torch._ops.OpOverload):
             self.of[node] = self.read(node)
-        elif isinstance(target, PlannedView):
+        elif isinstance(target, PlannedView) or target is alias:
             self.of[node] = self.of.get(node.args[0], ())
         elif isinstance(target, GuardedCall):
             self._kernel(node, target.fallback)

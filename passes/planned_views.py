@@ -9,12 +9,15 @@ result is fully determined by the input's strides: a `PlannedView` checks those 
 makes the alias directly (torch's `_reinterpret_tensor`, as inductor's generated code
 does), about a quarter of the ATen call's cost. If the input arrives with other
 strides than the graph promised, it calls the ATen op as written: never wrong, only
-slower.
+slower. A view of a value whose layout is certain (a generated kernel's output, which
+runtime.GuardedCall always returns in the graph's layout, or a view of one) skips the
+check: its node calls `_reinterpret_tensor` itself, without a Python frame in between.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch
@@ -22,6 +25,7 @@ from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from graphopt.pipeline import PassContext, PassReport
+from graphopt.runtime import GuardedCall
 
 aten = torch.ops.aten
 
@@ -44,7 +48,8 @@ _VIEW_OPS = {
     aten.as_strided.default,
 }
 
-_reinterpret = torch._C._dynamo.guards._reinterpret_tensor
+# also the target of a view of a value whose layout is certain: (source, size, stride, offset delta)
+alias = torch._C._dynamo.guards._reinterpret_tensor
 
 
 class PlannedView:
@@ -63,7 +68,7 @@ class PlannedView:
 
     def __call__(self, source: torch.Tensor, *args: Any) -> torch.Tensor:
         if source.stride() == self.source_stride:
-            return _reinterpret(source, self.size, self.stride, self.offset_delta)
+            return alias(source, self.size, self.stride, self.offset_delta)
         return self.op(source, *args)
 
     def __repr__(self) -> str:
@@ -87,7 +92,7 @@ class PlannedAsStrided(PlannedView):
 
     def __call__(self, source: torch.Tensor, *args: Any) -> torch.Tensor:
         if source.stride() == self.source_stride and source.untyped_storage().nbytes() >= self.storage_bytes:
-            return _reinterpret(source, self.size, self.stride, self.storage_offset - source.storage_offset())
+            return alias(source, self.size, self.stride, self.storage_offset - source.storage_offset())
         return self.op(source, *args)
 
 
@@ -95,10 +100,11 @@ class PlannedAsStrided(PlannedView):
 class PlannedViewsReport(PassReport):
     planned: int
     kept: dict[str, int]
+    unchecked: int = 0  # of `planned`: views of values whose layout is certain, made without a stride check
 
     def summary(self) -> str:
         kept = sum(self.kept.values())
-        return f"{self.planned} views planned as aliases, {kept} left as ATen calls"
+        return f"{self.planned} views planned as aliases ({self.unchecked} without a stride check), {kept} left as ATen calls"
 
 
 def _static(values: Any) -> tuple[int, ...] | None:
@@ -126,17 +132,37 @@ def _plan(node: fx.Node) -> PlannedView | str:
     return PlannedView(name, node.target, source_stride, size, stride, offsets[0] - offsets[1])
 
 
+def _certain_layouts(node: fx.Node, certain: set[fx.Node]) -> bool:
+    """Whether the node's value has its meta's layout on every call: a generated kernel's output
+    (GuardedCall returns its outputs in the graph's layout), one of several outputs, or an
+    unchecked view of such a value."""
+    target = node.target
+    if isinstance(target, GuardedCall):
+        return target.layouts is not None
+    if target is operator.getitem:
+        return node.args[0] in certain
+    return target is alias
+
+
 def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PlannedViewsReport]:
-    planned = 0
+    planned = unchecked = 0
     kept: dict[str, int] = {}
+    certain: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _VIEW_OPS:
+        if node.op != "call_function":
             continue
-        plan = _plan(node)
-        if isinstance(plan, str):
-            kept[plan] = kept.get(plan, 0) + 1
-            continue
-        node.target = plan
-        planned += 1
+        if node.target in _VIEW_OPS:
+            plan = _plan(node)
+            if isinstance(plan, str):
+                kept[plan] = kept.get(plan, 0) + 1
+                continue
+            planned += 1
+            if node.args[0] in certain and type(plan) is PlannedView:
+                node.target, node.args, node.kwargs = alias, (node.args[0], plan.size, plan.stride, plan.offset_delta), {}
+                unchecked += 1
+            else:
+                node.target = plan
+        if _certain_layouts(node, certain):
+            certain.add(node)
     gm.recompile()
-    return gm, PlannedViewsReport(planned, kept)
+    return gm, PlannedViewsReport(planned, kept, unchecked)

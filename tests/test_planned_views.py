@@ -125,3 +125,52 @@ def test_as_strided_past_the_end_of_a_smaller_storage_raises_as_eager_does():
         fn(small)
     with pytest.raises(RuntimeError, match="out of bounds for storage"):
         gm(small)
+
+
+def test_views_of_kernel_outputs_skip_the_stride_check_and_match_eager():
+    """A generated kernel's output always has the graph's layout, so views of it (and views of those)
+    are made without a check; forward and backward equal eager."""
+
+    def block(x, w):
+        h = torch.tanh(x * 2).view(2, 3, 8).transpose(1, 2)  # a kernel's output, viewed twice
+        return (h.reshape(16, 3) @ w).exp()
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, requires_grad=True)
+    with events.capture() as graphs:
+        compiled = torch.compile(block, backend="graphopt")
+        x = torch.randn(6, 8, requires_grad=True)
+        out = compiled(x, w)
+        out.sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    expected = block(x_ref, w_ref)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
+    unchecked = sum(r.report.unchecked for g in graphs for r in g.records if r.name == "planned_views")
+    assert unchecked > 0
+
+
+@pytest.mark.parametrize("primary", ["failing kernel", "eager"])
+def test_a_kernel_call_returns_the_graphs_layout_whatever_runs_it(primary):
+    """The eager fallback (or an eager primary, as bisect installs) may return other strides for an
+    input of other strides: the call copies its result into the layout the graph promised, which
+    views downstream rely on without checking."""
+    from graphopt.fallback import GraphoptFallbackWarning
+    from graphopt.runtime import GuardedCall
+
+    fallback = make_fx(lambda x: x * 2, tracing_mode="fake")(torch.randn(4, 6))
+
+    def failing(*args):
+        raise RuntimeError("launch failed")
+
+    guarded = GuardedCall("fused_k", failing if primary == "failing kernel" else fallback, fallback)
+    x = torch.randn(6, 4).t()  # strides (1, 4): eager's x * 2 keeps them
+    if primary == "failing kernel":
+        with pytest.warns(GraphoptFallbackWarning):
+            out = guarded(x)
+    else:
+        out = guarded(x)
+    assert out.stride() == (6, 1)
+    torch.testing.assert_close(out, x * 2, rtol=0, atol=0)
