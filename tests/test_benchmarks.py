@@ -162,23 +162,25 @@ def test_run_end_to_end_on_cpu_then_rebuild_report(tmp_path):
     _assert_report_files(merged, records)
 
 
-def test_no_warm_compile_skips_the_warm_compiles(tmp_path):
-    """What remat_sweep asks for: its rows measure steps and memory only."""
+def _tiny_graphopt_inference_row(tmp_path, flag: str) -> dict:
+    """The record of a run of one row, tiny model inference through graphopt on the CPU, with `flag`."""
     out = str(tmp_path / "run")
-    argv = ["--models", "tiny", "--modes", "infer", "--backends", "graphopt", "--device", "cpu", "--no-warm-compile"]
+    argv = ["--models", "tiny", "--modes", "infer", "--backends", "graphopt", "--device", "cpu", flag]
     assert run.main([*argv, "--out", out]) == 0
     (record,) = read_results(out)
     assert record["status"] == "ok", record["error"]
+    return record
+
+
+def test_no_warm_compile_skips_the_warm_compiles(tmp_path):
+    """What remat_sweep asks for: its rows measure steps and memory only."""
+    record = _tiny_graphopt_inference_row(tmp_path, "--no-warm-compile")
     assert record["warm_compile"] is False and record["compile_s"] > 0
     assert record["warm_compile_s"] is None and record["warm_tuning_only_compile_s"] is None
 
 
 def test_a_profiled_warm_compile_says_which_packages_took_the_time(tmp_path):
-    out = str(tmp_path / "run")
-    argv = ["--models", "tiny", "--modes", "infer", "--backends", "graphopt", "--device", "cpu", "--profile-warm-compile"]
-    assert run.main([*argv, "--out", out]) == 0
-    (record,) = read_results(out)
-    assert record["status"] == "ok", record["error"]
+    record = _tiny_graphopt_inference_row(tmp_path, "--profile-warm-compile")
     profile = record["warm_compile_profile"]
     assert profile["by_package"]["dynamo"] > 0 and profile["by_package"]["graphopt"] > 0
     assert abs(sum(profile["by_package"].values()) - profile["total_s"]) < 1e-6
