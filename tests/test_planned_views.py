@@ -174,3 +174,39 @@ def test_a_kernel_call_returns_the_graphs_layout_whatever_runs_it(primary):
         out = guarded(x)
     assert out.stride() == (6, 1)
     torch.testing.assert_close(out, x * 2, rtol=0, atol=0)
+
+
+def test_unchecked_views_survive_the_artifact_cache_and_a_failing_kernel_after_loading():
+    """A compiled graph kept in torch's AOTAutograd cache holds its unchecked views (the `alias`
+    target pickles) and its kernels' promised layouts (from their fallback subgraphs' meta): the
+    loaded graph's views are right even when its kernels fail and their fallbacks run."""
+    import warnings
+
+    from graphopt import artifact
+    from graphopt.runtime import GuardedCall
+
+    def fn(a, b, w):
+        p = a * b
+        q = torch.tanh(p).view(2, 4, 16).transpose(1, 2)
+        return (q.reshape(32, 4) @ w).exp().t(), p.sum(-1).view(2, 4)[1]
+
+    inputs = (torch.randn(8, 16), torch.randn(8, 16), torch.randn(4, 3))
+    with events.capture() as graphs:
+        torch.compile(fn, backend="graphopt")(*inputs)
+    (graph,) = graphs
+    loaded = artifact._loads(artifact._dumps(graph.output_gm))
+    assert sum(n.target is planned_views.alias for n in loaded.graph.nodes) >= 3
+
+    def failing(*args, reuse=None):
+        raise RuntimeError("launch failed")
+
+    kernels = [n.target for n in loaded.graph.nodes if isinstance(n.target, GuardedCall)]
+    assert kernels and all(k.layouts is not None for k in kernels)
+    for kernel in kernels:
+        kernel._call_primary = failing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        actual = loaded(*inputs)
+    assert all(k.failed_reason is not None for k in kernels)
+    for a, e in zip(actual, fn(*inputs)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
