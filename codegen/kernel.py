@@ -571,7 +571,11 @@ class _Emitter:
             elif lowering.operands == "as_is":  # where(cond, a, b)
                 exprs.append(lowerings.cast(v.expr, v.dtype, torch.bool if pos == 0 else out_dtype))
             else:
-                exprs.append(lowerings.cast(v.expr, v.dtype, target))
+                expr = v.expr
+                stored = a.meta["val"].dtype if isinstance(a, fx.Node) else None
+                if lowering.exact and stored in (torch.float16, torch.bfloat16) and v.dtype == torch.float32:
+                    expr = lowerings.cast(lowerings.cast(expr, v.dtype, stored), stored, v.dtype)  # eager's rounding
+                exprs.append(lowerings.cast(expr, v.dtype, target))
         level = max((v.level for v in operands if v is not None), default=0)
         return self.put(lowering.emit(*exprs), out_dtype, level)
 

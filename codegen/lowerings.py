@@ -75,10 +75,16 @@ class Lowering:
     "promoted" to the operands' common compute dtype (comparisons), "bool" to int1,
     "as_is" leaves them alone. `emit(*operands)` returns the expression; operands are Triton
     expressions (Python scalars as literals, strings such as a rounding mode as they are).
+
+    exact: the result jumps where an operand crosses a value (a comparison, floor, sign): its
+    fp16/bf16 operands are rounded to their dtype first, as eager computes them. Kept in fp32,
+    a product that eager rounds could differ from the same product saved and loaded, and
+    `amax`'s backward (`eq(amax, x)`) would then find no maximum in a column: 0/0.
     """
 
     emit: Callable[..., str]
     operands: str = "result"
+    exact: bool = False
 
 
 def _pow(a: str, b: str) -> str:
@@ -102,11 +108,11 @@ def _binary(op: str) -> Lowering:
 
 
 def _compare(op: str) -> Lowering:
-    return Lowering(lambda a, b: f"({a} {op} {b})", operands="promoted")
+    return Lowering(lambda a, b: f"({a} {op} {b})", operands="promoted", exact=True)
 
 
-def _unary(fn: str) -> Lowering:
-    return Lowering(lambda a: f"{fn}({a})")
+def _unary(fn: str, exact: bool = False) -> Lowering:
+    return Lowering(lambda a: f"{fn}({a})", exact=exact)
 
 
 def _clamp(a: str, lo: Any = None, hi: Any = None) -> str:
@@ -145,7 +151,7 @@ POINTWISE: dict[Any, Lowering] = {
     aten.mul.Scalar: _binary("*"),
     aten.div.Tensor: _binary("/"),
     aten.div.Scalar: _binary("/"),
-    aten.div.Tensor_mode: Lowering(_div_mode),
+    aten.div.Tensor_mode: Lowering(_div_mode, exact=True),
     prims.div.default: _binary("/"),
     aten.true_divide.Tensor: _binary("/"),
     aten.maximum.default: Lowering(lambda a, b: f"tl.maximum({a}, {b}, tl.PropagateNan.ALL)"),
@@ -191,12 +197,12 @@ POINTWISE: dict[Any, Lowering] = {
     aten.erf.default: _unary("tl.erf"),
     aten.sigmoid.default: _unary("tl.sigmoid"),
     aten.reciprocal.default: Lowering(lambda a: f"(1.0 / {a})"),
-    aten.floor.default: _unary("tl.floor"),
-    aten.ceil.default: _unary("tl.ceil"),
-    aten.trunc.default: _unary("libdevice.trunc"),
-    aten.round.default: _unary("libdevice.nearbyint"),
-    aten.sign.default: Lowering(_sign),
-    aten.sgn.default: Lowering(_sign),
+    aten.floor.default: _unary("tl.floor", exact=True),
+    aten.ceil.default: _unary("tl.ceil", exact=True),
+    aten.trunc.default: _unary("libdevice.trunc", exact=True),
+    aten.round.default: _unary("libdevice.nearbyint", exact=True),
+    aten.sign.default: Lowering(_sign, exact=True),
+    aten.sgn.default: Lowering(_sign, exact=True),
     aten.isnan.default: Lowering(lambda a: f"({a} != {a})", operands="promoted"),
     aten.isinf.default: Lowering(lambda a: f"(tl.abs({a}) == float('inf'))", operands="promoted"),
     aten.relu.default: Lowering(lambda a: f"tl.maximum({a}, 0, tl.PropagateNan.ALL)"),
@@ -217,10 +223,10 @@ POINTWISE: dict[Any, Lowering] = {
     aten.lift_fresh_copy.default: Lowering(lambda a: a),
     aten.copy.default: Lowering(lambda a, b, non_blocking=False: b, operands="result"),
     aten.hardtanh_backward.default: Lowering(
-        lambda g, x, lo, hi: f"tl.where(({x} <= {lo}) | ({x} >= {hi}), 0.0, {g})"
+        lambda g, x, lo, hi: f"tl.where(({x} <= {lo}) | ({x} >= {hi}), 0.0, {g})", exact=True
     ),
     aten.leaky_relu_backward.default: Lowering(
-        lambda g, x, slope, self_is_result=False: f"tl.where({x} > 0, {g}, {g} * {slope})"
+        lambda g, x, slope, self_is_result=False: f"tl.where({x} > 0, {g}, {g} * {slope})", exact=True
     ),
 }
 

@@ -223,6 +223,45 @@ def test_bf16_round_trip_rounds():
     assert torch.equal(result, fn(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_comparisons_and_steps_see_low_precision_operands_rounded_as_eager(dtype):
+    """A product kept in fp32 inside a kernel equals the same product eager rounded and saved only
+    by chance: comparisons and floor take their fp16/bf16 operands rounded to their dtype. (Only
+    their own operands: `floor(p * 3)` still sees `p * 3` from an unrounded `p`, more accurate
+    than eager's double rounding, as every other op is.)"""
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 32, dtype=dtype) * 4, torch.randn(32, dtype=dtype)
+    saved = a * b  # what eager computed and a forward graph saved
+
+    def compare(a, b, saved):
+        p = a * b
+        return p == saved, p >= saved, p < saved, torch.floor(p), torch.ceil(p)
+
+    result, _ = run_fused(compare, a, b, saved)
+    assert_matches(result, compare(a, b, saved), rtol=0, atol=0)
+
+
+def test_amax_over_rows_backward_in_bf16_finds_its_maximum():
+    """amax's backward divides by the count of eq(amax, x); with x kept unrounded in fp32 it found
+    no maximum in most columns and the gradient was 0/0 = NaN."""
+    torch.manual_seed(0)
+
+    def f(b, c):
+        p = b * c
+        return p.sum(-1), p.amax(0)
+
+    b = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    c = torch.randn(32, dtype=torch.bfloat16, requires_grad=True)
+    out = torch.compile(f, backend="graphopt")(b, c)
+    (out[0].float().sum() + out[1].float().sum()).backward()
+    got = b.grad
+    b.grad = c.grad = None
+    expected = f(b, c)
+    (expected[0].float().sum() + expected[1].float().sum()).backward()
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, b.grad, rtol=2e-2, atol=2e-2)
+
+
 def test_views_as_index_math():
     """expand, permute, slice, select, unsqueeze/squeeze and reshape inside one kernel, over strided inputs."""
     base = torch.randn(4, 6, 10)[:, :, ::2]  # non-contiguous
