@@ -128,7 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated boolean graphopt options (default off) to also run turned on, e.g. recompute_prologues",
     )
     parser.add_argument("--steps", type=_steps, default=MIN_TIMED_STEPS, help="timed steps per row (>= 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="untimed steps after the first call (host-bound rows need several to settle after a compile)",
+    )
     parser.add_argument("--input-sets", type=int, default=3, help="input batches the steps rotate through")
     parser.add_argument(
         "--no-warm-compile",
