@@ -87,8 +87,8 @@ class Options:
         _as_bool,
         "True | False",
         "give reductions across rows (bias and norm-weight gradients) their own copy of the pointwise work they"
-        " read instead of reading it from memory, and merge such reductions that read the same inputs"
-        " (off until measured on a GPU)",
+        " read instead of reading it from memory, and merge kernels that read the same inputs or outputs of"
+        " the same kernel (off until measured on a GPU)",
     )
     planned_views: bool = _option(
         True,

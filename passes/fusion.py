@@ -365,28 +365,51 @@ def _horizontal(
 ) -> None:
     """Merge groups that read the same tensor, so it is read once. Each reader merges into the first
     reader; with `clusters`, a reader that cannot (another iteration space) tries the other readers
-    that could not either (a layer norm's weight and bias gradients, beside its input gradient)."""
+    that could not either (a layer norm's weight and bias gradients, beside its input gradient), and
+    then groups that read outputs of the same kernel merge too (the two gradients' second steps,
+    each reading its own partial sums of one kernel): one launch instead of several."""
     for node in nodes:
-        if not isinstance(node.meta.get("val"), torch.Tensor):
-            continue
-        readers: list[_Group] = []
-        for user in node.users:
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            readers = _reader_groups(grouping, fusable, [node])
+            _merge_readers(grouping, plans, readers, f"horizontal: both read {node.name}", rejected, clusters)
+    if not clusters:
+        return
+    done: set[int] = set()
+    for node in nodes:
+        producer = grouping.group.get(node)
+        if node in fusable and _has_compute(producer.members) and id(producer) not in done:
+            done.add(id(producer))
+            readers = _reader_groups(grouping, fusable, producer.members)
+            why = f"horizontal: both read outputs of the kernel of {producer.members[0].name}"
+            _merge_readers(grouping, plans, readers, why, rejected, clusters)
+
+
+def _reader_groups(grouping: _Grouping, fusable: set[fx.Node], sources: list[fx.Node]) -> list[_Group]:
+    """The kernel groups that read one of `sources`, other than the sources' own, in graph order."""
+    readers: list[_Group] = []
+    for source in sources:
+        for user in source.users:
             g = grouping.group.get(user)
-            if g is not None and user in fusable and _has_compute(g.members) and node not in g.members:
+            if g is not None and user in fusable and _has_compute(g.members) and not any(s in g.members for s in sources):
                 if all(g is not r for r in readers):
                     readers.append(g)
-        if len(readers) < 2:
-            continue
-        merged_into = [readers[0]]
-        for other in readers[1:]:
-            why = f"horizontal: both read {node.name}"
-            for i, current in enumerate(merged_into if clusters else merged_into[:1]):
-                merged = _try_merge(grouping, plans, current, other, why, rejected)
-                if merged is not None:
-                    merged_into[i] = merged
-                    break
-            else:
-                merged_into.append(other)
+    return readers
+
+
+def _merge_readers(
+    grouping: _Grouping, plans: Plans, readers: list[_Group], why: str, rejected: list[RejectedMerge], clusters: bool
+) -> None:
+    if len(readers) < 2:
+        return
+    merged_into = [readers[0]]
+    for other in readers[1:]:
+        for i, current in enumerate(merged_into if clusters else merged_into[:1]):
+            merged = _try_merge(grouping, plans, current, other, why, rejected)
+            if merged is not None:
+                merged_into[i] = merged
+                break
+        else:
+            merged_into.append(other)
 
 
 def _subgraph(name: str, members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]):

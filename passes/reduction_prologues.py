@@ -14,8 +14,9 @@ to values that come from memory anyway (graph inputs, extern ops' results), when
 reading those costs fewer bytes than writing and reading the chain's result, and
 codegen can write the chain and the reduction as one kernel. Fusion's horizontal
 step then merges the reductions that read the same inputs (the weight and the bias
-gradient of one layer norm) into one kernel. This is inductor's behaviour (it
-inlines pointwise producers into every consumer unless they are costly).
+gradient of one layer norm) into one kernel, and the second steps of split ones,
+which read outputs of that kernel, into another. Recomputing is inductor's behaviour
+(it inlines pointwise producers into every consumer unless they are costly).
 """
 
 from __future__ import annotations
