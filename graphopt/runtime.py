@@ -21,7 +21,7 @@ import torch
 from torch import fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from graphopt.codegen.launcher import update_launch_mode
+from graphopt.codegen.launcher import relayout, update_launch_mode
 from graphopt.fallback import warn_fallback
 from graphopt.pipeline import copy_graph_module
 
@@ -36,8 +36,8 @@ class GuardedCall:
     `reuse` (dead buffers for the outputs, passes/buffer_reuse.py) goes to a launcher only:
     any other primary, and the eager fallback, allocate their own outputs.
 
-    When `fallback` is the group's subgraph with static output layouts (`layouts`), every
-    call returns exactly those: a launcher allocates them, and what another primary or the
+    When `fallback` is the group's subgraph with static output strides (`output_strides`), every
+    call returns outputs with exactly those: a launcher allocates them, and what another primary or the
     fallback returns is copied into them where its strides differ. Views of the outputs
     can then be made without checking strides (passes/planned_views.py).
     """
@@ -49,7 +49,7 @@ class GuardedCall:
         self.__qualname__ = name
         self.primary = primary
         self.fallback = fallback
-        self.layouts = _static_output_layouts(fallback)
+        self.output_strides = _static_output_strides(fallback)
         launch = getattr(primary, "launch", None)
         self._call_primary = launch or self._conforming(_without_reuse(primary))
         self._call_fallback = self._conforming(fallback)
@@ -65,16 +65,16 @@ class GuardedCall:
         return self._call_fallback(*args)
 
     def _conforming(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """`fn` with its outputs in `layouts`."""
-        layouts = self.layouts
-        if layouts is None:
+        """`fn` with its outputs in `output_strides`."""
+        strides = self.output_strides
+        if strides is None:
             return fn
 
         def call(*args: Any, **kwargs: Any) -> Any:
             result = fn(*args, **kwargs)
             if isinstance(result, tuple):
-                return tuple(_in_layout(t, layout) for t, layout in zip(result, layouts))
-            return _in_layout(result, layouts[0])
+                return tuple(relayout(t, stride) for t, stride in zip(result, strides))
+            return relayout(result, strides[0])
 
         return call
 
@@ -89,31 +89,22 @@ def _without_reuse(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _static_output_layouts(fallback: Any) -> list[tuple[tuple[int, ...], tuple[int, ...]]] | None:
-    """(size, stride) of each output of a fallback subgraph, if all are tensors of static layout."""
+def _static_output_strides(fallback: Any) -> list[tuple[int, ...]] | None:
+    """The strides of each output of a fallback subgraph, if all are tensors of static layout."""
     if not isinstance(fallback, fx.GraphModule):
         return None
     (output,) = fallback.graph.find_nodes(op="output")
     results = output.args[0] if isinstance(output.args[0], tuple) else (output.args[0],)
-    layouts = []
+    strides = []
     for result in results:
         val = result.meta.get("val") if isinstance(result, fx.Node) else None
         if not isinstance(val, torch.Tensor):
             return None
-        size, stride = tuple(val.shape), tuple(val.stride())
-        if not all(type(v) is int for v in size + stride):
+        stride = tuple(val.stride())
+        if not all(type(v) is int for v in (*val.shape, *stride)):
             return None
-        layouts.append((size, stride))
-    return layouts
-
-
-def _in_layout(t: torch.Tensor, layout: tuple[tuple[int, ...], tuple[int, ...]]) -> torch.Tensor:
-    size, stride = layout
-    if all(a == s or n == 1 for a, s, n in zip(t.stride(), stride, size)):  # a size-1 dim's stride addresses nothing
-        return t
-    out = torch.empty_strided(size, stride, dtype=t.dtype, device=t.device)
-    out.copy_(t)
-    return out
+        strides.append(stride)
+    return strides
 
 
 class CudaGraphRunner:

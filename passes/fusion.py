@@ -319,7 +319,7 @@ def _try_merge(
 
 
 def _form_groups(
-    nodes: list[fx.Node], fusable: set[fx.Node], plans: Plans, rejected: list[RejectedMerge], clusters: bool = False
+    nodes: list[fx.Node], fusable: set[fx.Node], plans: Plans, rejected: list[RejectedMerge], clusters: bool
 ) -> _Grouping:
     grouping = _Grouping(nodes)
     for node in nodes:

@@ -138,7 +138,7 @@ def _certain_layouts(node: fx.Node, certain: set[fx.Node]) -> bool:
     unchecked view of such a value."""
     target = node.target
     if isinstance(target, GuardedCall):
-        return target.layouts is not None
+        return target.output_strides is not None
     if target is operator.getitem:
         return node.args[0] in certain
     return target is alias
