@@ -25,7 +25,8 @@ import torch
 from torch import fx
 
 from graphopt.codegen import lowerings
-from graphopt.codegen.kernel import CannotGenerate, node_kind
+from graphopt.codegen.kernel import node_kind
+from graphopt.cost_model.roofline import nbytes_hint
 from graphopt.passes.fusion_plans import Plans
 
 _CHAIN_KINDS = ("pointwise", "cast", "view", "constant")
@@ -63,6 +64,7 @@ def _chain(reduction: fx.Node, fusable: set[fx.Node]) -> list[fx.Node] | None:
     kinds, in graph order; None if it is too long or ends at a reduction that could be fused (its
     readers would then join that reduction's kernel)."""
     chain: set[fx.Node] = set()
+    computing = 0
     stack = [a for a in reduction.all_input_nodes]
     while stack:
         node = stack.pop()
@@ -73,7 +75,8 @@ def _chain(reduction: fx.Node, fusable: set[fx.Node]) -> list[fx.Node] | None:
                 return None
             continue
         chain.add(node)
-        if sum(node_kind(n) in ("pointwise", "cast") for n in chain) > MAX_CHAIN_NODES:
+        computing += node_kind(node) in ("pointwise", "cast")
+        if computing > MAX_CHAIN_NODES:
             return None
         stack.extend(node.all_input_nodes)
     order = {n: i for i, n in enumerate(reduction.graph.nodes)}
@@ -85,13 +88,9 @@ def _seeded(node: fx.Node) -> bool:
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
-def _bytes(node: fx.Node) -> int | None:
+def _bytes(node: fx.Node) -> int:
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return 0
-    if not all(isinstance(s, int) for s in val.shape):
-        return None
-    return val.numel() * val.element_size()
+    return nbytes_hint(val) if isinstance(val, torch.Tensor) else 0
 
 
 def _pays(reduction: fx.Node, chain: list[fx.Node]) -> bool:
@@ -100,17 +99,13 @@ def _pays(reduction: fx.Node, chain: list[fx.Node]) -> bool:
     inside = set(chain)
     shared = any(any(u not in inside and u is not reduction for u in n.users) for n in chain)
     leaves = {a for n in chain for a in n.all_input_nodes if a not in inside}
-    leaf_bytes = [_bytes(leaf) for leaf in leaves]
-    result_bytes = _bytes(reduction.args[0])
-    if not shared or result_bytes is None or any(b is None for b in leaf_bytes):
-        return False
-    return sum(leaf_bytes) <= 2 * result_bytes
+    return shared and sum(_bytes(leaf) for leaf in leaves) <= 2 * _bytes(reduction.args[0])
 
 
 def _plannable(reduction: fx.Node, chain: list[fx.Node], plans: Plans) -> bool:
     try:
         plans.plan("candidate", [*chain, reduction], [reduction])
-    except CannotGenerate:
+    except Exception:  # CannotGenerate, or a codegen bug: either costs this copy, never the graph
         return False
     return True
 

@@ -88,3 +88,11 @@ def test_off_by_default():
     inputs = _inputs(64)
     _, report = fuse(_layer_norm_backward, *inputs)
     assert Options().recompute_prologues is False and report.recomputed_prologues == []
+
+
+def test_symbolic_sizes_recompute_by_their_hints_and_match_eager():
+    inputs = _inputs(64)
+    gm, report = fuse(_layer_norm_backward, *inputs, dynamic=True, options=RECOMPUTE)
+    assert len(report.recomputed_prologues) == 2
+    other = _inputs(48)
+    assert_matches(gm(*other), _layer_norm_backward(*other), rtol=1e-4, atol=1e-4)
