@@ -22,6 +22,7 @@ from torch import fx
 
 from graphopt import cache, events, fallback
 from graphopt.cli_script import patched_compile, run_script
+from graphopt.cost_model.roofline import nbytes_hint
 from graphopt.passes.planned_views import PlannedView, alias
 from graphopt.pipeline import node_op_name
 
@@ -106,20 +107,10 @@ def kernels(gm: fx.GraphModule) -> Iterator[tuple[str, Any]]:
                 yield node.name, kernel
 
 
-def _size_hint(size: Any) -> int:
-    """A symbolic size's value at compile time (how the memory plan is estimated)."""
-    if isinstance(size, int):
-        return size
-    hint = getattr(getattr(size, "node", None), "hint", None)
-    return int(hint) if isinstance(hint, int) else 1
-
-
 def _nbytes(value: Any) -> int:
+    """Bytes of a node's value, symbolic sizes at their compile-time hints (the memory plan is an estimate)."""
     if isinstance(value, torch.Tensor):
-        numel = 1
-        for size in value.shape:
-            numel *= _size_hint(size)
-        return numel * value.element_size()
+        return nbytes_hint(value)
     if isinstance(value, (list, tuple)):
         return sum(_nbytes(v) for v in value)
     return 0
