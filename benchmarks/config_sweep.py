@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -27,6 +28,7 @@ import torch
 import torch._functorch.config
 import torch.nn.functional as F
 
+from benchmarks.profile_kernels import kernel_events
 from graphopt.codegen import heuristics
 from graphopt.codegen.heuristics import LaunchConfig
 
@@ -78,9 +80,8 @@ def _kernel_us(step: Callable[[], Any]) -> dict[str, float]:
             step()
         torch.cuda.synchronize()
     totals: dict[str, float] = collections.defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name] += event.time_range.elapsed_us() / _REPS
+    for event in kernel_events(prof):
+        totals[event.name] += event.time_range.elapsed_us() / _REPS
     return dict(totals)
 
 
@@ -97,38 +98,48 @@ def _step(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], grad: bool) 
     return step
 
 
+@contextlib.contextmanager
+def _overridden(name: str) -> Iterator[tuple[dict[Any, Any], dict[Any, Any]]]:
+    """heuristics.<name>(xnumel, rnumel, inner) recording what it decided per sizes in `seen`, and
+    answering `override[sizes]` instead where set; restored on exit."""
+    heuristic = getattr(heuristics, name)
+    seen: dict[Any, Any] = {}
+    override: dict[Any, Any] = {}
+
+    def recording(*sizes: Any) -> Any:
+        decided = seen.setdefault(sizes, heuristic(*sizes))
+        return override.get(sizes, decided)
+
+    setattr(heuristics, name, recording)
+    try:
+        yield seen, override
+    finally:
+        setattr(heuristics, name, heuristic)
+
+
+def _graphopt_kernel_us(fn, inputs, grad: bool) -> dict[str, float]:
+    torch._dynamo.reset()
+    return _kernel_us(_step(torch.compile(fn, backend="graphopt"), inputs, grad))
+
+
 def _sweep_case(fn, inputs, grad: bool) -> dict[str, Any]:
     """Inductor's kernels, then graphopt's kernels under each candidate configuration of one
-    reduction kernel at a time (the others keep the heuristic's)."""
+    reduction kernel at a time (the others keep the heuristic's), then under each split factor."""
     torch._dynamo.reset()
-    result: dict[str, Any] = {"inductor": _kernel_us(_step(torch.compile(fn), inputs, grad))}
-    heuristic = heuristics.reduction_config
-    seen: dict[tuple[int, int, bool], LaunchConfig] = {}
-
-    def recording(xnumel: int, rnumel: int, inner: bool) -> LaunchConfig:
-        config = seen.setdefault((xnumel, rnumel, inner), heuristic(xnumel, rnumel, inner))
-        return override.get((xnumel, rnumel, inner), config)
-
-    override: dict[tuple[int, int, bool], LaunchConfig] = {}
-    heuristics.reduction_config = recording
-    try:
-        torch._dynamo.reset()
-        result["graphopt"] = _kernel_us(_step(torch.compile(fn, backend="graphopt"), inputs, grad))
-        result["sweeps"] = []
+    result: dict[str, Any] = {"inductor": _kernel_us(_step(torch.compile(fn), inputs, grad)), "sweeps": []}
+    with _overridden("reduction_config") as (seen, override):
+        result["graphopt"] = _graphopt_kernel_us(fn, inputs, grad)
         for sizes, default in list(seen.items()):
             timings = []
             for candidate in _candidates(default):
                 override.clear()
                 override[sizes] = candidate
-                torch._dynamo.reset()
                 try:
-                    us = _kernel_us(_step(torch.compile(fn, backend="graphopt"), inputs, grad))
+                    us = _graphopt_kernel_us(fn, inputs, grad)
                 except Exception as e:  # noqa: BLE001 - a configuration Triton cannot compile is a result
                     us = {"error": f"{type(e).__name__}: {e}"[:200]}
                 timings.append({"config": dataclasses.asdict(candidate), "kernel_us": us})
             result["sweeps"].append({"sizes": sizes, "heuristic": dataclasses.asdict(default), "timings": timings})
-    finally:
-        heuristics.reduction_config = heuristic
     result["splits"] = _sweep_splits(fn, inputs, grad)
     return result
 
@@ -136,29 +147,16 @@ def _sweep_case(fn, inputs, grad: bool) -> dict[str, Any]:
 def _sweep_splits(fn, inputs, grad: bool) -> list[dict[str, Any]]:
     """graphopt's kernels with each long reduction split into 1, 2, 4, .. 64 chunks (the fusion pass's
     split_reduction_factor), the launch configurations left to the heuristic."""
-    heuristic = heuristics.split_reduction_factor
-    seen: dict[tuple[int, int, bool], int] = {}
-    override: dict[tuple[int, int, bool], int] = {}
-
-    def recording(xnumel: int, rnumel: int, inner: bool) -> int:
-        factor = seen.setdefault((xnumel, rnumel, inner), heuristic(xnumel, rnumel, inner))
-        return override.get((xnumel, rnumel, inner), factor)
-
-    heuristics.split_reduction_factor = recording
     sweeps = []
-    try:
-        torch._dynamo.reset()
-        _step(torch.compile(fn, backend="graphopt"), inputs, grad)()
+    with _overridden("split_reduction_factor") as (seen, override):
+        _graphopt_kernel_us(fn, inputs, grad)
         for sizes, default in list(seen.items()):
             timings = []
             for factor in (f for f in (1, 2, 4, 8, 16, 32, 64) if sizes[1] % f == 0 and sizes[1] // f >= 64):
                 override.clear()
                 override[sizes] = factor
-                torch._dynamo.reset()
-                timings.append({"factor": factor, "kernel_us": _kernel_us(_step(torch.compile(fn, backend="graphopt"), inputs, grad))})
+                timings.append({"factor": factor, "kernel_us": _graphopt_kernel_us(fn, inputs, grad)})
             sweeps.append({"sizes": sizes, "heuristic": default, "timings": timings})
-    finally:
-        heuristics.split_reduction_factor = heuristic
     return sweeps
 
 
@@ -193,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         # every compile runs the passes: a graph loaded from torch's AOTAutograd cache would skip the split
         with torch._functorch.config.patch(enable_autograd_cache=False):
             results[name] = _sweep_case(fn, inputs, grad)
-        lines += _summary(name, results[name])
-        print("\n".join(_summary(name, results[name])), flush=True)
+        summary = _summary(name, results[name])
+        lines += summary
+        print("\n".join(summary), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config_sweep.json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))

@@ -34,7 +34,7 @@ from benchmarks.rows import Row
 _PROFILED_STEPS = 3
 
 
-def _kernel_events(prof: torch.profiler.profile) -> list[Any]:
+def kernel_events(prof: torch.profiler.profile) -> list[Any]:
     return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
@@ -77,7 +77,7 @@ def profile_row(row: Row, device: torch.device, top: int, host: bool = False) ->
         torch.cuda.synchronize()
     totals: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.Counter()
-    for event in _kernel_events(prof):
+    for event in kernel_events(prof):
         totals[event.name] += event.time_range.elapsed_us() / 1000
         counts[event.name] += 1
     kernels = sorted(totals, key=totals.get, reverse=True)[:top]
