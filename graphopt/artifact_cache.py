@@ -13,8 +13,9 @@ hold; torch's precompile sets the same two.
 torch's key covers the Dynamo graph, the inputs' metadata, torch's version and its
 configs, but not the compilers. What graphopt's result also depends on goes into it
 through `torch.compiler.config.cache_key_tag`: graphopt's version and source, the
-options, the device, whether kernels can run here, and the tuning-cache folder, so a
-new folder starts cold, as the tuning cache does.
+options, the device, whether kernels can run here, and the tuning cache's folder and
+generation, so a new folder, a cleared cache or one imported into starts cold, as the
+tuning cache does.
 
 Not used when a compile must really run: `debug_dir` asks for every pass's records,
 something listens to compiles (graphopt.events: the CLI, tests), or bisect selects
@@ -49,7 +50,7 @@ import torch
 from torch import fx
 
 from graphopt import events, pipeline
-from graphopt.cache import DEBUG_ONLY_OPTIONS, CacheWarning, default_cache_dir, device_name, source_digest
+from graphopt.cache import DEBUG_ONLY_OPTIONS, CacheWarning, default_cache_dir, device_name, generation, source_digest
 from graphopt.options import Options
 from graphopt.runtime import CompiledGraph
 
@@ -108,6 +109,7 @@ def _tag(options: Options, device: torch.device) -> str:
         triton.__version__,
         sorted((k, repr(v)) for k, v in options.as_dict().items() if k not in DEBUG_ONLY_OPTIONS),
         os.path.abspath(default_cache_dir(options)),
+        generation(options),
         device_name(device),
         compiler.can_run_on(device),
     )

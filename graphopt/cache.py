@@ -9,7 +9,10 @@ file is moved aside with a warning and rebuilt, and any database error at run
 time counts as a miss.
 
 Values are JSON, so a cache can be exported to a file and imported on another
-machine (`graphopt cache export/import`). Every lookup is counted per graph in
+machine (`graphopt cache export/import`). The file's `generation`, a token made anew when the
+file is created, cleared or imported into, goes into the key of compiled graphs kept in torch's
+AOTAutograd cache (graphopt/artifact_cache.py): after `cache clear` or `cache import` the next
+compile plans again and uses what the file now holds. Every lookup is counted per graph in
 the file (`graphopt cache stats`) and in this process (`lookups()`, which
 `graphopt explain` prints).
 """
@@ -27,6 +30,7 @@ import platform
 import sqlite3
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -66,6 +70,8 @@ CREATE TABLE IF NOT EXISTS graph_stats (
     PRIMARY KEY (graph_key, namespace)
 );
 """
+# name -> value; 'generation': see TuningCache.generation
+_META_TABLE = "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 
 class CacheWarning(UserWarning):
@@ -288,7 +294,19 @@ class TuningCache:
             (count,) = conn.execute("SELECT COUNT(*) FROM entries").fetchone()
             conn.execute("DELETE FROM entries")
             conn.execute("DELETE FROM graph_stats")
+            _new_generation(conn)
         return count
+
+    def generation(self) -> str:
+        """A token that changes whenever entries are removed or replaced from outside a compile
+        (the file created anew, `clear`, `import_`): compiles of the same graph before and after
+        such a change may differ. 'unreadable' when the database fails."""
+        try:
+            (value,) = self._conn().execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
+        except sqlite3.Error as e:
+            self._degraded(e)
+            return "unreadable"
+        return value
 
     def export(self, file: str, namespace: str | None = None) -> int:
         """Write the entries as one JSON document; returns how many."""
@@ -339,6 +357,7 @@ class TuningCache:
                 "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, last_used = excluded.last_used",
                 rows,
             )
+            _new_generation(conn)
         return len(rows)
 
     def close(self) -> None:
@@ -359,6 +378,17 @@ def open_cache(
     except (OSError, sqlite3.Error) as e:
         warnings.warn(f"graphopt: tuning cache disabled, cannot open {folder}: {e}", CacheWarning)
         return None
+
+
+def generation(options: Options) -> str:
+    """The generation of the tuning cache these options use ('unreadable' if it cannot be opened)."""
+    cache = open_cache(options)
+    if cache is None:
+        return "unreadable"
+    try:
+        return cache.generation()
+    finally:
+        cache.close()
 
 
 # -- opening, checking, moving aside ----------------------------------------------------
@@ -419,6 +449,16 @@ class _Incompatible(Exception):
     pass
 
 
+def _has_generation(conn: sqlite3.Connection) -> bool:
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return False
+    return conn.execute("SELECT 1 FROM meta WHERE name = 'generation'").fetchone() is not None
+
+
+def _new_generation(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('generation', ?)", (uuid.uuid4().hex,))
+
+
 def _initialize(path: str) -> sqlite3.Connection:
     conn = _connect(path)
     try:
@@ -436,6 +476,10 @@ def _initialize(path: str) -> sqlite3.Connection:
             conn.execute("SELECT graph_key, namespace, graph_name, hits, misses, last_seen FROM graph_stats LIMIT 1")
         except sqlite3.OperationalError as e:  # a table or column is missing: not the schema it claims
             raise _Incompatible(f"a cache whose tables do not match schema version {SCHEMA_VERSION} ({e})") from None
+        if not _has_generation(conn):  # a new file, or one written before the meta table existed
+            with _transaction(conn):
+                conn.execute(_META_TABLE)
+                _new_generation(conn)
     except BaseException:
         conn.close()
         raise

@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 
 from graphopt import artifact, artifact_cache, events
 from graphopt.artifact import GraphoptOutputCode
-from graphopt.cache import CacheWarning
+from graphopt.cache import FILE_NAME, CacheWarning, TuningCache
 
 SCRIPT = Path(__file__).with_name("artifact_cache_script.py")
 # against the model in float64, relative to its largest value: float32 (generated kernels may
@@ -63,6 +63,16 @@ def test_a_second_process_loads_the_compiled_graphs_without_tracing_them(tmp_pat
     assert warm["compiled"] == [] and warm["aot"].get("autograd_cache_hit") == 1  # no AOTAutograd trace, no passes
     assert warm["kernel_sources"] > 0  # the generated kernels were made again and ran
     assert cold["worst_relative_error"] < tolerance and warm["worst_relative_error"] < tolerance
+
+
+def test_after_the_tuning_cache_is_cleared_a_process_compiles_again(tmp_path):
+    """A cleared (or imported-into) tuning cache is a new generation: graphs kept with the old one
+    are not loaded, so the next compile plans again from what the cache now holds."""
+    _process(tmp_path, "train")
+    assert _process(tmp_path, "train")[0]["compiled"] == []
+    TuningCache(str(tmp_path / "graphopt" / FILE_NAME)).clear()
+    again, _ = _process(tmp_path, "train")
+    assert again["compiled"] == ["forward", "backward"] and again["worst_relative_error"] < TOLERANCE
 
 
 @pytest.mark.skipif(

@@ -220,6 +220,37 @@ def test_export_import_round_trip(tmp_path):
         target.import_(str(tmp_path / "bad.json"))
 
 
+def test_the_generation_changes_when_entries_are_cleared_or_imported_only(tmp_path):
+    """Compiled graphs kept in torch's AOTAutograd cache are keyed on it (graphopt/artifact_cache.py)."""
+    path = str(tmp_path / "a.sqlite")
+    cache = TuningCache(path)
+    first = cache.generation()
+    cache.put("n", "k", 1)
+    cache.get("n", "k")
+    assert TuningCache(path).generation() == first  # compiles' own writes and reopening keep it
+    assert TuningCache(str(tmp_path / "b.sqlite")).generation() != first  # another file
+    file = str(tmp_path / "plans.json")
+    cache.export(file)
+    assert cache.generation() == first
+    cache.import_(file)
+    imported = cache.generation()
+    cache.clear()
+    assert len({first, imported, cache.generation()}) == 3
+
+
+def test_a_file_written_before_generations_existed_gets_one_and_keeps_its_entries(tmp_path):
+    path = str(tmp_path / "a.sqlite")
+    TuningCache(path).put("n", "k", 1)
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE meta")
+    conn.commit()
+    conn.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not moved aside
+        cache = TuningCache(path)
+    assert cache.get("n", "k") == 1 and cache.generation() == TuningCache(path).generation()
+
+
 def test_the_backend_hands_every_pass_a_cache_bound_to_its_graph(cache_dir, monkeypatch):
     seen = []
 
