@@ -103,29 +103,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backends",
         default="inductor,graphopt",
-        help="also graphopt-cg (cuda_graphs on), graphopt-no_OPTION (a boolean option off, e.g. graphopt-no_pad_matmuls)"
-        " and graphopt-with_OPTION (one on, e.g. graphopt-with_recompute_prologues)",
+        help="row labels as benchmarks.run names them: also graphopt-cg (cuda_graphs on), graphopt-no_OPTION (a boolean"
+        " option off, e.g. graphopt-no_pad_matmuls), graphopt-with_OPTION (one on, e.g. graphopt-with_recompute_prologues),"
+        " graphopt-budget50, graphopt-fp32",
     )
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--host-profile", action="store_true", help="also cProfile the host side of a few steps")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args(argv)
     device = torch.device("cuda")
+    # every label parsed before any GPU time is spent: a typo fails at once
+    rows = [
+        Row.from_label(model, mode, label)
+        for model in args.models.split(",")
+        for mode in args.modes.split(",")
+        for label in args.backends.split(",")
+    ]
     results = []
-    for model in args.models.split(","):
-        for mode in args.modes.split(","):
-            for variant in args.backends.split(","):
-                backend, _, suffix = variant.partition("-")
-                off = suffix.removeprefix("no_") if suffix.startswith("no_") else None
-                on = suffix.removeprefix("with_") if suffix.startswith("with_") else None
-                row = Row(model=model, mode=mode, backend=backend, cuda_graphs=suffix == "cg", graphopt_off=off, graphopt_on=on)
-                torch._dynamo.reset()
-                try:
-                    result = profile_row(row, device, args.top, args.host_profile)
-                except Exception as e:  # one row's failure is reported, the others still run
-                    result = {"key": row.key, "error": f"{type(e).__name__}: {e}"[:500]}
-                results.append(result)
-                print(json.dumps(result, indent=1), flush=True)
+    for row in rows:
+        torch._dynamo.reset()
+        try:
+            result = profile_row(row, device, args.top, args.host_profile)
+        except Exception as e:  # one row's failure is reported, the others still run
+            result = {"key": row.key, "error": f"{type(e).__name__}: {e}"[:500]}
+        results.append(result)
+        print(json.dumps(result, indent=1), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile.json").write_text(json.dumps(results, indent=1))

@@ -43,6 +43,28 @@ class Row:
             parts.append(self.precision)
         return "-".join(parts)
 
+    @classmethod
+    def from_label(cls, model: str, mode: str, label: str) -> Row:
+        """The row a `label` names (its inverse), e.g. `graphopt-cg` or `graphopt-with_recompute_prologues`."""
+        backend, *parts = label.split("-")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} in {label!r}; known: {', '.join(BACKENDS)}")
+        fields: dict = {}
+        for part in parts:
+            if part == "cg":
+                fields["cuda_graphs"] = True
+            elif part in PRECISIONS:
+                fields["precision"] = part
+            elif part.startswith("budget") and part.removeprefix("budget").isdigit():
+                fields["memory_budget"] = int(part.removeprefix("budget")) / 100
+            elif part.startswith("no_"):
+                fields["graphopt_off"] = part.removeprefix("no_")
+            elif part.startswith("with_"):
+                fields["graphopt_on"] = part.removeprefix("with_")
+            else:
+                raise ValueError(f"unknown part {part!r} of {label!r}: budgetNN, cg, no_OPTION, with_OPTION or a precision")
+        return cls(model, mode, backend, **fields)
+
     @property
     def key(self) -> str:
         """Unique within a run: names the row's log file and identifies it in progress output."""

@@ -331,3 +331,24 @@ def test_host_ms_times_each_step_on_its_own():
     times = host_ms(step, 2, 3, torch.device("cpu"))
     assert seen == [2, 3, 4]
     assert times[1] >= 4.0 and times[0] < 4.0 and times[2] < 4.0
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        Row("gpt2", "train", "inductor"),
+        Row("gpt2", "train", "graphopt", cuda_graphs=True),
+        Row("gpt2", "infer", "graphopt", graphopt_off="pad_matmuls"),
+        Row("gpt2", "train", "graphopt", graphopt_on="recompute_prologues"),
+        Row("llama", "train", "inductor", precision="fp32", memory_budget=0.5),
+    ],
+    ids=lambda row: row.label,
+)
+def test_a_row_label_names_its_row(row):
+    assert Row.from_label(row.model, row.mode, row.label) == row
+
+
+@pytest.mark.parametrize("label", ["inductr", "graphopt-fast", "graphopt-budgetx"])
+def test_a_label_that_names_no_row_is_refused(label):
+    with pytest.raises(ValueError, match="unknown"):
+        Row.from_label("gpt2", "train", label)
