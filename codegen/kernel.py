@@ -542,6 +542,8 @@ class _Emitter:
     def pointwise(self, node: fx.Node, index: Index) -> _Value:
         lowering = lowerings.POINTWISE[node.target]
         out_dtype = lowerings.compute_dtype(node.meta["val"].dtype)
+        if not out_dtype.is_floating_point:
+            lowering = lowerings.INTEGER_POINTWISE.get(node.target, lowering)
         args = _normalized_args(node)[: _positional_count(lowering.emit)]
         operands = [self.operand(a, node, index) if a is not None else None for a in args]
         promoted_lowp = None

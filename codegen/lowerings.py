@@ -133,11 +133,28 @@ def _sign(a: str) -> str:
 
 
 def _div_mode(a: str, b: str, rounding_mode: str | None = None) -> str:
+    """Floats. Floor division is Python's, as c10's div_floor_floating computes it: from fmod (C's,
+    Triton's float `%`), so 1.0 // 0.1 is 9.0 where floor(1.0 / 0.1) rounds the quotient to 10.0
+    first; a zero divisor gives a / b, a zero quotient keeps the sign of a / b."""
     if rounding_mode is None:
         return f"({a} / {b})"
     if rounding_mode == "trunc":
         return f"libdevice.trunc({a} / {b})"
-    return f"tl.floor({a} / {b})"
+    mod = f"({a} % {b})"
+    div = f"tl.where(({mod} != 0) & (({b} < 0) != ({mod} < 0)), ({a} - {mod}) / {b} - 1.0, ({a} - {mod}) / {b})"
+    floor = f"tl.floor({div})"
+    rounded = f"tl.where({div} - {floor} > 0.5, {floor} + 1.0, {floor})"
+    return f"tl.where({b} == 0, {a} / {b}, tl.where({div} != 0, {rounded}, ({a} / {b}) * 0.0))"
+
+
+def _int_div_mode(a: str, b: str, rounding_mode: str | None = None) -> str:
+    """Integers (the result is an integer only with a rounding mode): Triton's `/` on integers is
+    an fp32 division, inexact past 2**24; its `//` truncates and its `%` takes the dividend's
+    sign (C's), so floor division steps down where the remainder and the divisor differ in sign."""
+    if rounding_mode == "trunc":
+        return f"({a} // {b})"
+    mod = f"({a} % {b})"
+    return f"tl.where(({mod} != 0) & (({mod} < 0) != ({b} < 0)), ({a} // {b}) - 1, {a} // {b})"
 
 
 POINTWISE: dict[Any, Lowering] = {
@@ -228,6 +245,12 @@ POINTWISE: dict[Any, Lowering] = {
     aten.leaky_relu_backward.default: Lowering(
         lambda g, x, slope, self_is_result=False: f"tl.where({x} > 0, {g}, {g} * {slope})", exact=True
     ),
+}
+
+# Lowerings of POINTWISE ops whose result has an integer dtype, where the float one is wrong for them
+INTEGER_POINTWISE: dict[Any, Lowering] = {
+    aten.div.Tensor_mode: Lowering(_int_div_mode, exact=True),
+    prims.div.default: Lowering(lambda a, b: f"({a} // {b})"),  # prims.div truncates integers
 }
 
 # Casts: the operand keeps its own dtype; the node's dtype is the target.

@@ -181,6 +181,46 @@ def test_integer_and_bool_ops(dtype):
     assert_matches(result, fn(a, b), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8], ids=str)
+def test_integer_rounding_division_is_exact(dtype):
+    """Integer floor/trunc division divides integers: Triton's `/` on integers is an fp32 division,
+    which was off for operands past 2**24 (2**40 + 1 // 7 gave 157073096704, not 157073089682)."""
+    big = [2**40 + 1, -(2**40) - 1, 2**53 + 3, -(2**31) + 5] if dtype == torch.int64 else []
+    big += [2**30 + 3, -(2**30) - 7] if dtype in (torch.int64, torch.int32) else []
+    small = [17, -17, 17, -17, 100, 0, 120, -1, 1] if dtype != torch.uint8 else [17, 200, 255, 0, 5, 1, 254, 9, 100]
+    divisors = [5, 5, -5, -5, 7, 3, 9, 7, -7] if dtype != torch.uint8 else [5, 3, 16, 7, 5, 2, 255, 9, 1]
+    a = torch.tensor(small + big, dtype=dtype)
+    b = torch.tensor(divisors + [7, 7, -3, 9, 11, -13][: len(big)], dtype=dtype)
+    if dtype == torch.uint8:
+        b = b.abs()
+
+    def fn(a, b):
+        a = aten.add.Tensor(a, 0)
+        return (
+            aten.div.Tensor_mode(a, b, rounding_mode="floor"),
+            aten.div.Tensor_mode(a, b, rounding_mode="trunc"),
+            aten.div.Tensor_mode(a, 3, rounding_mode="floor"),
+        )
+
+    result, _ = run_fused(fn, a, b)
+    assert_matches(result, fn(a, b), rtol=0, atol=0)
+
+
+def test_float_floor_division_is_pythons():
+    """Floor division of floats is Python's (c10's div_floor_floating, from fmod): 1.0 // 0.1 is 9.0,
+    where floor(1.0 / 0.1) rounds the quotient to 10.0 first."""
+    a = torch.tensor([1.0, -1.0, 7.0, 0.7, 1e8 + 1, 5.0, -0.0, 3.0, -5.0, 0.5, -0.5, 1e30, float("nan"), float("inf")])
+    b = torch.tensor([0.1, 0.1, 0.7, 0.1, 3.0, 0.0, 1.0, -0.0, 0.0, 2.0, 2.0, 1e-20, 1.0, 2.0])
+
+    def fn(a, b):
+        return aten.div.Tensor_mode(aten.mul.Tensor(a, 1), b, rounding_mode="floor")
+
+    result, _ = run_fused(fn, a, b)
+    expected = fn(a, b)
+    assert_matches(result, expected, rtol=0, atol=0)
+    assert torch.equal(result.signbit(), expected.signbit())
+
+
 @pytest.mark.parametrize(
     "src,dst",
     [
