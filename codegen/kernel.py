@@ -579,7 +579,11 @@ class _Emitter:
                     expr = lowerings.cast(lowerings.cast(expr, v.dtype, stored), stored, v.dtype)  # eager's rounding
                 exprs.append(lowerings.cast(expr, v.dtype, target))
         level = max((v.level for v in operands if v is not None), default=0)
-        return self.put(lowering.emit(*exprs), out_dtype, level)
+        try:
+            expr = lowering.emit(*exprs)
+        except NotImplementedError as e:  # lowerings.INTEGER_POINTWISE: no exact lowering for these operands
+            raise CannotGenerate(f"no Triton lowering for {e}", node) from None
+        return self.put(expr, out_dtype, level)
 
     def cast(self, node: fx.Node, index: Index) -> _Value:
         target = node.meta["val"].dtype

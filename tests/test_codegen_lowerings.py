@@ -206,6 +206,28 @@ def test_integer_rounding_division_is_exact(dtype):
     assert_matches(result, fn(a, b), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+def test_integer_powers_are_exact(dtype):
+    """Integer powers multiply (exact, wrapping as eager); libdevice.pow went through floats:
+    3001 ** 5 was off by 7 and 3 ** 39 by 65626179, for a result that fits in int64."""
+    big = dtype == torch.int64
+    a = torch.tensor([3001 if big else 41, -2999 if big else -43, 7, 1, 0, -1, 123 if big else 12, 9], dtype=dtype)
+    e = torch.tensor([5, 5, 9, 3, 2, 7, 8, 39 if big else 19], dtype=dtype)
+
+    def powers(a):
+        a = aten.add.Tensor(a, 0)
+        return aten.pow.Tensor_Scalar(a, 5), aten.pow.Tensor_Scalar(a, 7), aten.pow.Tensor_Scalar(a, 0)
+
+    result, _ = run_fused(powers, a)
+    assert_matches(result, powers(a), rtol=0, atol=0)
+
+    def tensor_exponents(a, e):
+        return aten.pow.Tensor_Tensor(aten.add.Tensor(a, 0), e), aten.pow.Scalar(3, aten.add.Tensor(e, 0))
+
+    gm, _ = fuse(tensor_exponents, a, e)  # no exact lowering: pow runs in eager ATen
+    assert_matches(gm(a, e), tensor_exponents(a, e), rtol=0, atol=0)
+
+
 def test_float_floor_division_is_pythons():
     """Floor division of floats is Python's (c10's div_floor_floating, from fmod): 1.0 // 0.1 is 9.0,
     where floor(1.0 / 0.1) rounds the quotient to 10.0 first."""
