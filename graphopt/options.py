@@ -90,6 +90,14 @@ class Options:
         " read instead of reading it from memory, and merge kernels that read the same inputs or outputs of"
         " the same kernel (off until measured on a GPU)",
     )
+    batch_casts: bool = _option(
+        False,
+        _as_bool,
+        "True | False",
+        "make the generated kernels that only cast a graph input (autocast's parameter casts) or a returned value"
+        " (gradients) to another dtype with one multi-tensor ATen call per graph, where that does not raise the"
+        " estimated peak memory (fewer launches; off until measured on a GPU)",
+    )
     planned_views: bool = _option(
         True,
         _as_bool,

@@ -73,7 +73,7 @@ GraphPass = Callable[[fx.GraphModule, PassContext], tuple[fx.GraphModule, PassRe
 
 def graph_passes(options: Options) -> list[tuple[str, GraphPass]]:
     """The passes run on every forward, backward and inference graph, in order."""
-    from graphopt.passes import buffer_reuse, cleanup, conv_layout, fusion, pad_matmul, planned_views
+    from graphopt.passes import batch_casts, buffer_reuse, cleanup, conv_layout, fusion, pad_matmul, planned_views
 
     passes: list[tuple[str, GraphPass]] = [("cleanup", cleanup.run)]
     if options.channels_last:
@@ -82,6 +82,8 @@ def graph_passes(options: Options) -> list[tuple[str, GraphPass]]:
         passes.append(("pad_matmul", pad_matmul.run))
     if options.fusion:
         passes.append(("fusion", fusion.run))
+    if options.fusion and options.batch_casts:
+        passes.append(("batch_casts", batch_casts.run))
     if options.planned_views:
         passes.append(("planned_views", planned_views.run))
     if options.fusion and options.reuse_buffers:

@@ -94,6 +94,9 @@ class Storages:
             self.of[node] = self.of.get(node.args[0], ())
         elif isinstance(target, GuardedCall):
             self._kernel(node, target.fallback)
+        elif getattr(target, "makes_new_storages", False):  # graphopt's own targets that allocate each result
+            self.elements[node] = [self.new(node) for _ in node.meta.get("val", ())]
+            self.of[node] = tuple(i for ids in self.elements[node] for i in ids)
         else:
             self.of[node] = self.read(node)
             self.unknown.update(self.of[node])

@@ -152,7 +152,8 @@ def _input_read_first(big, x, c, w1, w2):
     ],
 )
 def test_inputs_their_owners_hold_stay_in_the_peak_estimate(kind, big_name, reused):
-    inputs = torch.randn(256, 256), torch.randn(8, 64), torch.randn(1, 2048), torch.randn(64, 64), torch.randn(2048, 1)
+    # scaled so that no value is large: the sums of 256 and 2048 terms then agree with eager's to rtol 1e-4
+    inputs = torch.randn(256, 256) / 16, torch.randn(8, 64), torch.randn(1, 2048), torch.randn(64, 64) / 8, torch.randn(2048, 1) / 45
     gm, _ = fuse(_input_read_first, *inputs)
     gm.graph.find_nodes(op="placeholder")[0].target = big_name  # as AOTAutograd names its graphs' inputs
     ctx = PassContext(options=Options(), graph_name="g0_test", kind=kind, example_inputs=inputs)

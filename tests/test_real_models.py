@@ -39,13 +39,16 @@ LOSSY_OPTIONS = {"remat_compress"}
 LOSSY_RTOL = 2e-2
 # Options with nothing to do on the CPU this suite runs on (checked once, on GPT-2, below).
 CUDA_ONLY_OPTIONS = {"cuda_graphs", "pad_matmuls", "channels_last"}  # their own tests force the last two on the CPU
+# Options that act only on the casts of mixed precision, of which these float32 steps make none
+# (checked under autocast, below).
+MIXED_PRECISION_OPTIONS = {"batch_casts"}
 
 
 def option_combinations() -> list[dict[str, Any]]:
     """Every combination of the boolean options, and memory_budget 1.0 / 0.3 if it exists."""
     fields = {f.name: f for f in dataclasses.fields(Options)}
     axes: dict[str, list[Any]] = {
-        name: [True, False] for name, f in fields.items() if isinstance(f.default, bool) and name not in CUDA_ONLY_OPTIONS
+        name: [True, False] for name, f in fields.items() if isinstance(f.default, bool) and name not in CUDA_ONLY_OPTIONS | MIXED_PRECISION_OPTIONS
     }
     if "memory_budget" in fields:
         axes["memory_budget"] = [1.0, 0.3]
@@ -270,3 +273,26 @@ def test_cuda_only_rewrites_forced_on_the_cpu_keep_every_architecture_exact(arch
     monkeypatch.setattr(pad_matmul, "device_spec", lambda device: CUDA_LIKE_SPEC)
     monkeypatch.setattr(conv_layout, "device_spec", lambda device: CUDA_LIKE_SPEC)
     _assert_step_matches(arch, {})
+
+
+def _autocast_step(arch: Arch, options: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Any]]:
+    torch.manual_seed(0)
+    model = arch.build().train()
+    batch = arch.batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="graphopt", options=options)
+    with events.capture() as graphs, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _step(compiled, model, batch, arch.loss)
+    return loss, grads, graphs
+
+
+@pytest.mark.parametrize("name", sorted(MIXED_PRECISION_OPTIONS & {f.name for f in dataclasses.fields(Options)}))
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in {"gpt2", "llama", "t5", "vit", "cnn"}], ids=lambda a: a.name)
+def test_mixed_precision_options_change_no_bit_of_an_autocast_step(arch: Arch, name: str):
+    """They only change how casts are launched: loss and gradients equal the option's absence bit for bit."""
+    loss_off, grads_off, _ = _autocast_step(arch, {})
+    loss_on, grads_on, graphs = _autocast_step(arch, {name: True})
+    assert any(r.name == "batch_casts" and r.report.batched for g in graphs for r in g.records)
+    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys()
+    for key, grad in grads_off.items():
+        assert torch.equal(grads_on[key], grad), key
