@@ -287,9 +287,35 @@ def _correctness_checks(dev: str = "cuda") -> list[dict[str, Any]]:
     got = torch.compile(mixed, backend="graphopt", dynamic=True)(x, i)
     rows.append({"check": "mixed_int_fp16_dynamic", "max_rel_error": _compare(got, mixed(x, i), None)})
     print(json.dumps(rows[-2:]), flush=True)
+    rows.append(_exact_division_check(dev))
     rows.append(_batch_casts_check(dev))
-    print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps(rows[-2:]), flush=True)
     return rows
+
+
+def _exact_division_check(dev: str) -> dict[str, Any]:
+    """Rounding divisions and integer powers, which eager computes exactly: the same values, bit for
+    bit (integer floor/trunc division past 2**24, Python's float floor division, int64 powers)."""
+
+    def fn(i, j, x, y):
+        return (
+            i // 7, torch.div(i, j, rounding_mode="trunc"), torch.div(-i, j, rounding_mode="floor"),
+            (i % 3001 + 0).pow(5), x // 0.1, torch.div(x, y, rounding_mode="floor"), torch.div(x, y, rounding_mode="trunc"),
+        )
+
+    torch._dynamo.reset()
+    i = torch.randint(-(2**50), 2**50, (4096,), device=dev)
+    j = torch.randint(1, 1000, (4096,), device=dev) * torch.where(torch.rand(4096, device=dev) < 0.5, -1, 1)
+    x, y = torch.randn(4096, device=dev) * 100, torch.randn(4096, device=dev)
+    row: dict[str, Any] = {"check": "exact_division_and_integer_pow"}
+    try:
+        got, want = torch.compile(fn, backend="graphopt")(i, j, x, y), fn(i, j, x, y)
+        row["mismatches"] = [k for k, (a, b) in enumerate(zip(got, want)) if not torch.equal(a, b)]
+        row["ok"] = not row["mismatches"]
+    except Exception as e:  # a check that crashes is a finding, not the end of the run
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+        row["ok"] = False
+    return row
 
 
 def _batch_casts_check(dev: str) -> dict[str, Any]:
