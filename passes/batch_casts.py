@@ -208,6 +208,11 @@ def _batch(gm: fx.GraphModule, casts: list[_Cast], before: fx.Node, index: int) 
         gm.graph.erase_node(cast.node)
 
 
+def _writes(node: fx.Node) -> bool:
+    """Whether a node may write to its inputs (then a cast of one must stay where it is)."""
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+
+
 def _count(kept: dict[str, int], why: str, n: int = 1) -> None:
     if n:
         kept[why] = kept.get(why, 0) + n
@@ -222,6 +227,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, BatchCast
     for position, node in enumerate(nodes):
         source = _lone_cast(node)
         if source is None:
+            continue
+        if any(_writes(user) for user in source.users):
+            _count(kept, "its source is written in place in the graph")
             continue
         val = node.meta["val"]
         cast = _Cast(node, source, position, _static_layout(val))

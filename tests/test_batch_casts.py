@@ -158,3 +158,25 @@ def test_a_cast_after_permutes_joins_only_if_they_cancel_out():
     for got, want in zip(gm(*inputs), _permuted_grads(*inputs)):
         assert got.stride() == want.stride()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _written_between(x, w1, w2):
+    h = x.to(bf16) @ w1.to(bf16)
+    w2.mul_(2)  # a graph that writes an input (AOTAutograd's functional graphs do it only at their end)
+    return h @ w2.to(bf16), w1.to(bf16)
+
+
+def test_a_cast_of_an_input_written_in_place_stays_where_it_is():
+    inputs = torch.randn(4, 8), torch.randn(8, 8), torch.randn(8, 8)
+    gm, _ = fuse(_written_between, *[t.clone() for t in inputs])
+    # the cast after mul_ reads the input itself (as a graph may), not mul_'s result
+    (mul,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mul_.Tensor]
+    (cast,) = [n for n in gm.graph.nodes if n.args == (mul,) and n.target in kernels(gm)]
+    cast.args = (mul.args[0],)
+    gm.recompile()
+    ctx = PassContext(options=Options(batch_casts=True), graph_name="g0_test", kind="inference", example_inputs=inputs)
+    gm, report = batch_casts.run(gm, ctx)
+    assert report.kept.get("its source is written in place in the graph") == 1, (report, gm.code)
+    got, want = gm(*[t.clone() for t in inputs]), _written_between(*[t.clone() for t in inputs])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
