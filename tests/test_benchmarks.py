@@ -326,11 +326,12 @@ def test_host_ms_times_each_step_on_its_own():
 
     def step(i):
         seen.append(i)
-        time.sleep(0.004 if i == 3 else 0.0)
+        time.sleep(0.2 if i == 3 else 0.0)
 
     times = host_ms(step, 2, 3, torch.device("cpu"))
     assert seen == [2, 3, 4]
-    assert times[1] >= 4.0 and times[0] < 4.0 and times[2] < 4.0
+    # margins wide enough for a loaded 2-core machine (an empty step once took 4.4 ms there)
+    assert times[1] >= 200.0 and times[0] < 100.0 and times[2] < 100.0
 
 
 @pytest.mark.parametrize(
