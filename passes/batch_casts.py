@@ -73,7 +73,8 @@ class BatchCastsReport(PassReport):
 
     def summary(self) -> str:
         kept = "; ".join(f"{n} {why}" for why, n in sorted(self.kept.items()))
-        return f"{self.batched} cast kernels made by {self.batches} multi-tensor calls" + (f"; kept: {kept}" if kept else "")
+        calls = f"{self.batches} multi-tensor call" + ("" if self.batches == 1 else "s")
+        return f"{self.batched} cast kernels made by {calls}" + (f"; kept: {kept}" if kept else "")
 
 
 @dataclasses.dataclass
