@@ -581,7 +581,7 @@ class _Emitter:
         level = max((v.level for v in operands if v is not None), default=0)
         try:
             expr = lowering.emit(*exprs)
-        except NotImplementedError as e:  # lowerings.INTEGER_POINTWISE: no exact lowering for these operands
+        except lowerings.NoExactLowering as e:
             raise CannotGenerate(f"no Triton lowering for {e}", node) from None
         return self.put(expr, out_dtype, level)
 

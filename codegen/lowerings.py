@@ -247,24 +247,29 @@ POINTWISE: dict[Any, Lowering] = {
     ),
 }
 
+
+class NoExactLowering(Exception):
+    """No Triton expression computes this op exactly for these operands: the node runs in eager ATen."""
+
+
 def _int_pow(a: str, b: str) -> str:
     """Integers to a constant power: multiplied out, exact and wrapping as eager's; libdevice.pow
     goes through floats (3001 ** 5 was off by 7)."""
     try:
         exponent = int(b)
     except ValueError:
-        raise NotImplementedError("an integer power with a tensor exponent") from None
+        raise NoExactLowering("an integer power with a tensor exponent") from None
     if not 0 <= exponent <= 64:
-        raise NotImplementedError(f"an integer power with exponent {exponent}")
+        raise NoExactLowering(f"an integer power with exponent {exponent}")
     return f"({a} * 0 + 1)" if exponent == 0 else "(" + " * ".join([a] * exponent) + ")"
 
 
 def _no_integer_lowering(*_: Any) -> str:
-    raise NotImplementedError("a power of an integer tensor exponent (libdevice.pow goes through floats)")
+    raise NoExactLowering("a power of an integer tensor exponent (libdevice.pow goes through floats)")
 
 
 # Lowerings of POINTWISE ops whose result has an integer dtype, where the float one is wrong for
-# them; one whose emit raises NotImplementedError has none (the node runs in eager ATen)
+# them; one whose emit raises NoExactLowering has none (the node runs in eager ATen)
 INTEGER_POINTWISE: dict[Any, Lowering] = {
     aten.div.Tensor_mode: Lowering(_int_div_mode, exact=True),
     prims.div.default: Lowering(lambda a, b: f"({a} // {b})"),  # prims.div truncates integers
