@@ -241,14 +241,29 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, BatchCast
             late.setdefault(group, []).append(cast)
         else:
             _count(kept, "of a computed value that is not only returned")
+    # a moved cast must not cross an in-place write: its source may alias what is written (a view
+    # of an input that AOTAutograd's graph writes back at its end), which the source's own users
+    # do not show; as fusion keeps a group's reads on their side of every write
+    writes = [i for i, node in enumerate(nodes) if _writes(node)]
+
+    def crosses(lo: int, hi: int) -> bool:
+        return any(lo < i < hi for i in writes)
+
+    found = sum(len(m) for m in (*early.values(), *late.values()))
+    for group, members in early.items():  # made at the first's position
+        early[group] = [c for c in members if not crosses(members[0].position, c.position)]
+    for group, members in late.items():  # made just before the output
+        late[group] = [c for c in members if not crosses(c.position, len(nodes) - 1)]
+    considered = sum(len(m) for m in (*early.values(), *late.values()))
+    _count(kept, "an in-place write lies between it and its batch", found - considered)
     estimate = _Estimate(nodes, ctx)
     position = {node: i for i, node in enumerate(nodes)}
     planned = [
         estimate.batch(members, lambda c, at=members[0].position: position[c.source] < at and estimate.made_earlier(c, at))
         for members in early.values()
+        if members
     ]
-    planned += [estimate.batch(members, lambda c: estimate.made_later(c, len(nodes) - 1)) for members in late.values()]
-    considered = sum(len(m) for m in (*early.values(), *late.values()))
+    planned += [estimate.batch(members, lambda c: estimate.made_later(c, len(nodes) - 1)) for members in late.values() if members]
     _count(kept, "would raise the estimated peak", considered - sum(len(casts) for casts in planned))
     batches = [casts for casts in planned if len(casts) >= 2]
     _count(kept, "alone in its batch", sum(len(casts) for casts in planned if len(casts) == 1))

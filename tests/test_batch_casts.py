@@ -180,3 +180,23 @@ def test_a_cast_of_an_input_written_in_place_stays_where_it_is():
     got, want = gm(*[t.clone() for t in inputs]), _written_between(*[t.clone() for t in inputs])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _views_cast_then_written(x, buf):
+    """Casts of views of an input (as_strided stays an ATen view), returned only, then the input is
+    written in place: AOTAutograd's graph writes it (copy_) at its end, before the graph returns."""
+    first, second = buf.as_strided((8,), (1,), 8).to(bf16), buf.as_strided((8,), (1,), 0).to(bf16)
+    buf.mul_(2)
+    return first, second, x + 1
+
+
+def test_a_returned_cast_is_not_moved_past_a_write_to_its_source():
+    outputs = []
+    for options in ({}, {"batch_casts": True}):
+        torch._dynamo.reset()
+        inputs = torch.randn(4, generator=torch.Generator().manual_seed(0)), torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+        with events.capture() as graphs:
+            outputs.append((*torch.compile(_views_cast_then_written, backend="graphopt", options=options)(*inputs), *inputs))
+    (report,) = [r.report for g in graphs for r in g.records if r.name == "batch_casts"]
+    assert report.kept.get("an in-place write lies between it and its batch") == 2, report
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
