@@ -195,18 +195,20 @@ class _Estimate:
         return sum(self.life.nbytes.get(i, 0) for i in self.storages.of.get(cast.node, ()))
 
 
-def _batch(gm: fx.GraphModule, casts: list[_Cast], before: fx.Node, index: int) -> None:
-    """One BatchedCast node for `casts`, before `before`; each cast's users read its part."""
+def _batch(gm: fx.GraphModule, casts: list[_Cast], before: fx.Node, index: int, parts_of: dict[fx.Node, fx.Node]) -> None:
+    """One BatchedCast node for `casts`, before `before`; each cast's users read its part. `parts_of`:
+    the part that replaced each cast batched before (a returned cast may cast a batched one again)."""
     first = casts[0].node.meta["val"]
     target = BatchedCast(f"batched_cast_{index}", first.dtype, tuple(c.layout for c in casts), first.device)
     with gm.graph.inserting_before(before):
-        batch = gm.graph.call_function(target, tuple(c.source for c in casts))
+        batch = gm.graph.call_function(target, tuple(parts_of.get(c.source, c.source) for c in casts))
         batch.meta["val"] = tuple(c.node.meta["val"] for c in casts)
         parts = [gm.graph.call_function(operator.getitem, (batch, i)) for i in range(len(casts))]
     for cast, part in zip(casts, parts):
         part.meta["val"] = cast.node.meta["val"]
         cast.node.replace_all_uses_with(part)
         gm.graph.erase_node(cast.node)
+        parts_of[cast.node] = part
 
 
 def _writes(node: fx.Node) -> bool:
@@ -267,8 +269,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, BatchCast
     _count(kept, "would raise the estimated peak", considered - sum(len(casts) for casts in planned))
     batches = [casts for casts in planned if len(casts) >= 2]
     _count(kept, "alone in its batch", sum(len(casts) for casts in planned if len(casts) == 1))
-    for index, casts in enumerate(batches):
+    parts_of: dict[fx.Node, fx.Node] = {}
+    for index, casts in enumerate(batches):  # the casts of inputs first
         returned_only = casts[0].source.op not in ("placeholder", "get_attr")
-        _batch(gm, casts, output if returned_only else casts[0].node, index)
+        _batch(gm, casts, output if returned_only else casts[0].node, index, parts_of)
     gm.recompile()
     return gm, BatchCastsReport(sum(len(c) for c in batches), len(batches), kept)
