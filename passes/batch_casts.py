@@ -231,9 +231,6 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, BatchCast
         source = _lone_cast(node)
         if source is None:
             continue
-        if any(_writes(user) for user in source.users):
-            _count(kept, "its source is written in place in the graph")
-            continue
         val = node.meta["val"]
         cast = _Cast(node, source, position, _static_layout(val))
         group = (val.device, source.meta["val"].dtype, val.dtype)
