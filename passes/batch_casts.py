@@ -212,7 +212,7 @@ def _batch(gm: fx.GraphModule, casts: list[_Cast], before: fx.Node, index: int, 
 
 
 def _writes(node: fx.Node) -> bool:
-    """Whether a node may write to its inputs (then a cast of one must stay where it is)."""
+    """Whether a node may write in place (no cast is moved across it)."""
     return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
 
 
