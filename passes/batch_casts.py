@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from graphopt.codegen.launcher import allocator
-from graphopt.passes.live_memory import Lifetimes, Storages, lifetimes, live_profile
+from graphopt.passes.live_memory import estimate, writes_in_place
 from graphopt.pipeline import PassContext, PassReport
 from graphopt.runtime import GuardedCall
 
@@ -144,11 +144,7 @@ class _Estimate:
     """The live-bytes estimate, changed as casts join batches; a change that would raise the peak is refused."""
 
     def __init__(self, nodes: list[fx.Node], ctx: PassContext):
-        self.storages = Storages()
-        for node in nodes:
-            self.storages.add(node)
-        self.life: Lifetimes = lifetimes(nodes, self.storages, ctx.kind)
-        self.live = live_profile(len(nodes), self.life)
+        self.storages, self.life, self.live = estimate(nodes, ctx.kind)
         self.peak = max(self.live, default=0)
         self.extended: dict[int, int] = {}  # a source storage's last reader, moved later by a batch
 
@@ -211,11 +207,6 @@ def _batch(gm: fx.GraphModule, casts: list[_Cast], before: fx.Node, index: int, 
         parts_of[cast.node] = part
 
 
-def _writes(node: fx.Node) -> bool:
-    """Whether a node may write in place (no cast is moved across it)."""
-    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
-
-
 def _count(kept: dict[str, int], why: str, n: int = 1) -> None:
     if n:
         kept[why] = kept.get(why, 0) + n
@@ -243,7 +234,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, BatchCast
     # a moved cast must not cross an in-place write: its source may alias what is written (a view
     # of an input that AOTAutograd's graph writes back at its end), which the source's own users
     # do not show; as fusion keeps a group's reads on their side of every write
-    writes = [i for i, node in enumerate(nodes) if _writes(node)]
+    writes = [i for i, node in enumerate(nodes) if writes_in_place(node)]
 
     def crosses(lo: int, hi: int) -> bool:
         return any(lo < i < hi for i in writes)

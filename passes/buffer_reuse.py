@@ -29,7 +29,7 @@ from torch import fx
 
 from graphopt.codegen.indexing import product, same, size_expr
 from graphopt.cost_model.roofline import size_hint
-from graphopt.passes.live_memory import FRESH_PRODUCTS, Ids, Storages, lifetimes, live_profile
+from graphopt.passes.live_memory import FRESH_PRODUCTS, Ids, Storages, estimate
 from graphopt.pipeline import GraphKind, PassContext, PassReport
 from graphopt.runtime import GuardedCall
 
@@ -77,11 +77,7 @@ class _Planner:
     """The walk over the graph: the pool of dead buffers, and the live-bytes estimate it must not raise."""
 
     def __init__(self, nodes: list[fx.Node], kind: GraphKind):
-        self.storages = Storages()
-        for node in nodes:
-            self.storages.add(node)
-        self.life = lifetimes(nodes, self.storages, kind)
-        self.live = live_profile(len(nodes), self.life)
+        self.storages, self.life, self.live = estimate(nodes, kind)
         self.peak = max(self.live, default=0)
         self.pool: dict[_PoolKey, list[_Buffer]] = {}
         self.freed_after: dict[int, list[_Buffer]] = {}

@@ -46,6 +46,7 @@ from graphopt.fallback import warn_fallback
 from graphopt.passes import fusion_cache, reduction_prologues
 from graphopt.passes.fusion_plans import Plans
 from graphopt.passes.graph_edit import call_with_meta
+from graphopt.passes.live_memory import writes_in_place
 from graphopt.pipeline import PassContext, PassReport, node_op_name
 from graphopt.runtime import GuardedCall
 
@@ -95,17 +96,12 @@ class FusionReport(PassReport):
         )
 
 
-def _is_mutating(node: fx.Node) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
-
-
 def _fusable(node: fx.Node, device: torch.device) -> tuple[bool, str | None]:
     """(can join a group, why not — only for ops one would expect to fuse)."""
     kind = node_kind(node)
-    if kind == "extern" or _is_mutating(node):
+    if kind == "extern" or writes_in_place(node):
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            if torch.Tag.pointwise in node.target.tags and not _is_mutating(node):
+            if torch.Tag.pointwise in node.target.tags and not writes_in_place(node):
                 return False, f"no Triton lowering for {node.target}"
         return False, None
     val = node.meta.get("val")
@@ -215,7 +211,7 @@ class _Grouping:
     def __init__(self, nodes: list[fx.Node]):
         self.pos = {n: i for i, n in enumerate(nodes)}
         self.group: dict[fx.Node, _Group] = {}
-        self.mutations = [self.pos[n] for n in nodes if _is_mutating(n)]
+        self.mutations = [self.pos[n] for n in nodes if writes_in_place(n)]
 
     def unit(self, node: fx.Node) -> _Group:
         g = self.group.get(node)
@@ -604,7 +600,7 @@ def _stable_topological_sort(graph: fx.Graph, order_key: dict[fx.Node, float]) -
     key = {n: (order_key.get(n, float(i)), i) for i, n in enumerate(nodes)}
     deps: dict[fx.Node, set[fx.Node]] = {n: set(n.all_input_nodes) for n in nodes}
     for node in nodes:
-        if _is_mutating(node) and node.args and isinstance(node.args[0], fx.Node):
+        if writes_in_place(node) and node.args and isinstance(node.args[0], fx.Node):
             for reader in node.args[0].users:
                 if reader is node:
                     continue

@@ -195,3 +195,17 @@ def live_profile(count: int, life: Lifetimes) -> list[int]:
         total += d
         live.append(total)
     return live
+
+
+def estimate(nodes: list[fx.Node], kind: GraphKind) -> tuple[Storages, Lifetimes, list[int]]:
+    """The graph's storages, their lifetimes, and the bytes alive while each of `nodes` runs."""
+    storages = Storages()
+    for node in nodes:
+        storages.add(node)
+    life = lifetimes(nodes, storages, kind)
+    return storages, life, live_profile(len(nodes), life)
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether a node may write to an input (an in-place or out= op): values read across it may change."""
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
