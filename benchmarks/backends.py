@@ -32,10 +32,12 @@ def _graphopt_row_options(row: Row) -> dict[str, Any]:
         options["memory_budget"] = row.memory_budget
     if row.cuda_graphs:
         options["cuda_graphs"] = True
-    if row.graphopt_off:
-        options[row.graphopt_off] = False
-    if row.graphopt_on:
-        options[row.graphopt_on] = True
+    for name in (row.graphopt_off or "").split("+"):
+        if name:
+            options[name] = False
+    for name in (row.graphopt_on or "").split("+"):
+        if name:
+            options[name] = True
     return options
 
 

@@ -23,8 +23,8 @@ class Row:
     precision: str = "bf16"
     memory_budget: float | None = None
     cuda_graphs: bool = False
-    graphopt_off: str | None = None  # a boolean graphopt option turned off (an ablation row)
-    graphopt_on: str | None = None  # a boolean graphopt option, off by default, turned on (a trial row)
+    graphopt_off: str | None = None  # boolean graphopt options turned off (an ablation row), '+'-joined
+    graphopt_on: str | None = None  # boolean options, off by default, turned on (a trial row), '+'-joined
 
     @property
     def label(self) -> str:

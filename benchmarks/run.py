@@ -65,14 +65,15 @@ def _budgets(text: str) -> list[float]:
 
 
 def _boolean_options(default: bool) -> Callable[[str], list[str]]:
-    """Parses a comma-separated list of graphopt's boolean options whose default is `default`."""
+    """Parses a comma-separated list of graphopt's boolean options whose default is `default`;
+    an entry of several joined by '+' (a+b) is one row that switches them all."""
 
     def parse(text: str) -> list[str]:
         from graphopt.options import Options
 
         switchable = [f.name for f in dataclasses.fields(Options) if f.default is default]
         names = [n for n in text.split(",") if n]
-        unknown = [n for n in names if n not in switchable]
+        unknown = [part for n in names for part in n.split("+") if part not in switchable]
         if unknown:
             state = "on" if default else "off"
             raise argparse.ArgumentTypeError(
@@ -125,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--graphopt-trials",
         type=_boolean_options(default=False),
         default=[],
-        help="comma-separated boolean graphopt options (default off) to also run turned on, e.g. recompute_prologues",
+        help="comma-separated boolean graphopt options (default off) to also run turned on, e.g. recompute_prologues; a+b: one row with both on",
     )
     parser.add_argument("--steps", type=_steps, default=MIN_TIMED_STEPS, help="timed steps per row (>= 20)")
     parser.add_argument(

@@ -76,6 +76,15 @@ def test_trial_rows_turn_one_graphopt_option_on():
         run.parse_args(["--graphopt-trials", "fusion", "--out", "x"])
 
 
+def test_a_trial_joined_with_plus_turns_each_option_on_in_one_row():
+    trial = run.parse_args(["--graphopt-trials", "recompute_prologues+batch_casts", "--out", "x"]).graphopt_trials
+    rows = plan_rows(["tiny"], ["train"], ["graphopt"], ["bf16"], [], False, [], trial)
+    assert Row.from_label("tiny", "train", rows[1].label) == rows[1]
+    assert backends.compile_options(rows[1], None) == {"options": {"recompute_prologues": True, "batch_casts": True}}
+    with pytest.raises(SystemExit):
+        run.parse_args(["--graphopt-trials", "recompute_prologues+fusion", "--out", "x"])
+
+
 def test_suite_models_build_lazily_and_tiny_runs():
     assert {"gpt2", "llama", "resnet50", "vit", "mlp", "tiny"} <= set(MODELS)
     spec = get_model("tiny")
