@@ -348,7 +348,7 @@ def _batch_casts_check(dev: str) -> dict[str, Any]:
 
     row: dict[str, Any] = {"check": "batch_casts_autocast_step"}
     try:
-        grads_off, launches_off, _ = step({})
+        grads_off, launches_off, _ = step({"batch_casts": False})
         grads_on, launches_on, batches = step({"batch_casts": True})
         row.update(launches_off=launches_off, launches_on=launches_on, batches=batches)
         row["bit_equal"] = all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))

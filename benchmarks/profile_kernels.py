@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "--backends",
         default="inductor,graphopt",
         help="row labels as benchmarks.run names them: also graphopt-cg (cuda_graphs on), graphopt-no_OPTION (a boolean"
-        " option off, e.g. graphopt-no_pad_matmuls), graphopt-with_OPTION (one on, e.g. graphopt-with_recompute_prologues),"
+        " option off, e.g. graphopt-no_pad_matmuls), graphopt-with_OPTION (one on, e.g. graphopt-with_remat_compress),"
         " graphopt-budget50, graphopt-fp32",
     )
     parser.add_argument("--top", type=int, default=15)

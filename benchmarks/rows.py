@@ -29,7 +29,7 @@ class Row:
     @property
     def label(self) -> str:
         """The variant's name in tables and plots, e.g. `inductor-budget50-cg`, `graphopt-no_channels_last`,
-        `graphopt-with_recompute_prologues`."""
+        `graphopt-with_remat_compress`."""
         parts = [self.backend]
         if self.memory_budget is not None:
             parts.append(f"budget{round(self.memory_budget * 100)}")
@@ -45,7 +45,7 @@ class Row:
 
     @classmethod
     def from_label(cls, model: str, mode: str, label: str) -> Row:
-        """The row a `label` names (its inverse), e.g. `graphopt-cg` or `graphopt-with_recompute_prologues`."""
+        """The row a `label` names (its inverse), e.g. `graphopt-cg` or `graphopt-with_remat_compress`."""
         backend, *parts = label.split("-")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} in {label!r}; known: {', '.join(BACKENDS)}")

@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--graphopt-trials",
         type=_boolean_options(default=False),
         default=[],
-        help="comma-separated boolean graphopt options (default off) to also run turned on, e.g. recompute_prologues; a+b: one row with both on",
+        help="comma-separated boolean graphopt options (default off) to also run turned on, e.g. remat_compress; a+b: one row with both on",
     )
     parser.add_argument("--steps", type=_steps, default=MIN_TIMED_STEPS, help="timed steps per row (>= 20)")
     parser.add_argument(

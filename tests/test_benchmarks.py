@@ -68,21 +68,21 @@ def test_ablation_rows_turn_one_graphopt_option_off():
 
 
 def test_trial_rows_turn_one_graphopt_option_on():
-    rows = plan_rows(["tiny"], ["train"], ["graphopt"], ["bf16"], [], False, [], ["recompute_prologues"])
-    assert [r.label for r in rows] == ["graphopt", "graphopt-with_recompute_prologues"]
-    assert backends.compile_options(rows[1], None) == {"options": {"recompute_prologues": True}}
-    assert run.parse_args(["--graphopt-trials", "recompute_prologues", "--out", "x"]).graphopt_trials == ["recompute_prologues"]
+    rows = plan_rows(["tiny"], ["train"], ["graphopt"], ["bf16"], [], False, [], ["remat_compress"])
+    assert [r.label for r in rows] == ["graphopt", "graphopt-with_remat_compress"]
+    assert backends.compile_options(rows[1], None) == {"options": {"remat_compress": True}}
+    assert run.parse_args(["--graphopt-trials", "remat_compress", "--out", "x"]).graphopt_trials == ["remat_compress"]
     with pytest.raises(SystemExit):  # on by default: an ablation, not a trial
         run.parse_args(["--graphopt-trials", "fusion", "--out", "x"])
 
 
 def test_a_trial_joined_with_plus_turns_each_option_on_in_one_row():
-    trial = run.parse_args(["--graphopt-trials", "recompute_prologues+batch_casts", "--out", "x"]).graphopt_trials
+    trial = run.parse_args(["--graphopt-trials", "remat_compress+cuda_graphs", "--out", "x"]).graphopt_trials
     rows = plan_rows(["tiny"], ["train"], ["graphopt"], ["bf16"], [], False, [], trial)
     assert Row.from_label("tiny", "train", rows[1].label) == rows[1]
-    assert backends.compile_options(rows[1], None) == {"options": {"recompute_prologues": True, "batch_casts": True}}
+    assert backends.compile_options(rows[1], None) == {"options": {"remat_compress": True, "cuda_graphs": True}}
     with pytest.raises(SystemExit):
-        run.parse_args(["--graphopt-trials", "recompute_prologues+fusion", "--out", "x"])
+        run.parse_args(["--graphopt-trials", "remat_compress+fusion", "--out", "x"])
 
 
 def test_suite_models_build_lazily_and_tiny_runs():
@@ -349,7 +349,7 @@ def test_host_ms_times_each_step_on_its_own():
         Row("gpt2", "train", "inductor"),
         Row("gpt2", "train", "graphopt", cuda_graphs=True),
         Row("gpt2", "infer", "graphopt", graphopt_off="pad_matmuls"),
-        Row("gpt2", "train", "graphopt", graphopt_on="recompute_prologues"),
+        Row("gpt2", "train", "graphopt", graphopt_on="remat_compress"),
         Row("llama", "train", "inductor", precision="fp32", memory_budget=0.5),
     ],
     ids=lambda row: row.label,

@@ -10,6 +10,7 @@ from fusion_helpers import assert_matches, fuse, kernels
 from graphopt.options import Options
 
 RECOMPUTE = Options(recompute_prologues=True)
+KEEP = Options(recompute_prologues=False)
 
 
 def _layer_norm_backward(dy_bf16, xhat, rstd, w):
@@ -43,7 +44,7 @@ def _full_size_outputs(gm, shape):
 @pytest.mark.parametrize("rows, fewer_kernels", [(64, 1), (4096, 2)])
 def test_layer_norm_weight_and_bias_gradients_recompute_and_share_a_kernel(rows, fewer_kernels):
     inputs = _inputs(rows)
-    before, _ = fuse(_layer_norm_backward, *inputs)
+    before, _ = fuse(_layer_norm_backward, *inputs, options=KEEP)
     after, report = fuse(_layer_norm_backward, *inputs, options=RECOMPUTE)
     assert len(report.recomputed_prologues) == 2, report.recomputed_prologues
     # the row kernel writes only the input gradient, not the cast gradient and its product
@@ -84,10 +85,10 @@ def test_a_chain_is_recomputed_only_when_its_inputs_cost_no_more_than_its_result
     assert_matches(gm(*xs), shared_product(*xs), rtol=1e-4, atol=1e-4)
 
 
-def test_off_by_default():
+def test_on_by_default_and_off_when_asked():
     inputs = _inputs(64)
-    _, report = fuse(_layer_norm_backward, *inputs)
-    assert Options().recompute_prologues is False and report.recomputed_prologues == []
+    _, report = fuse(_layer_norm_backward, *inputs, options=KEEP)
+    assert Options().recompute_prologues is True and report.recomputed_prologues == []
 
 
 def test_symbolic_sizes_recompute_by_their_hints_and_match_eager():
