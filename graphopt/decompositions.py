@@ -25,11 +25,16 @@ _EXTRA_FOR_FUSION = [
     aten.native_layer_norm,
     aten.gelu,
     # Inference batch norm is pointwise: it fuses with the ReLU / residual add after it. Its decomposition
-    # goes through _native_batch_norm_legit (training=False: functional). Training batch norm
-    # (_native_batch_norm_legit_functional) stays cuDNN's until per-channel reductions over N*H*W are
-    # measured against it on a GPU.
+    # goes through _native_batch_norm_legit (training=False: functional).
     aten._native_batch_norm_legit_no_training,
     aten._native_batch_norm_legit,
+]
+
+# Training batch norm, with option fuse_batch_norm: per-channel reductions over N*H*W and pointwise work
+# (the running-statistics updates included) instead of cuDNN's kernels and their write-backs.
+_TRAINING_BATCH_NORM = [
+    aten._native_batch_norm_legit_functional,
+    aten.native_batch_norm_backward,
 ]
 
 
@@ -95,28 +100,28 @@ _GRAPHOPT_DECOMPOSITIONS = {
 
 # Attention stays one extern call (flash/efficient kernels beat any decomposition), and
 # torch 2.13's decomposition of the CPU flash op gives wrong gradients under a causal mask.
-# Training batch norm's backward stays cuDNN's, like its forward: decomposed, it is per-channel
-# reductions over N*H*W of NCHW tensors, and resnet50 training ran slower than eager with them
-# (H200, benchmarks/results/2026-12-04-h200: 36.4 vs 28.6 ms) until they are measured alone.
-_KEEP_EXTERN = [
-    aten._scaled_dot_product_flash_attention_for_cpu,
-    aten.native_batch_norm_backward,
-]
+# Without fuse_batch_norm, training batch norm's backward stays cuDNN's like its forward
+# (decomposed on NCHW tensors, resnet50 training ran slower than eager: H200,
+# benchmarks/results/2026-12-04-h200, 36.4 vs 28.6 ms, before channels-last kernels walked memory order).
+_KEEP_EXTERN = [aten._scaled_dot_product_flash_attention_for_cpu]
 
 
 def decomposition_table(options: Options) -> dict[Any, Any]:
     if not options.fusion:
         return {}
-    return dict(_fusion_table())
+    return dict(_fusion_table(options.fuse_batch_norm))
 
 
 @functools.cache
-def _fusion_table() -> dict[Any, Any]:
-    """Built once per process: core_aten_decompositions() materializes every composite op
-    (~0.4 s), which would otherwise be paid by every compiled graph."""
+def _fusion_table(fuse_batch_norm: bool) -> dict[Any, Any]:
+    """Built once per process and setting: core_aten_decompositions() materializes every composite
+    op (~0.4 s), which would otherwise be paid by every compiled graph."""
     table = dict(core_aten_decompositions())
     table.update(get_decompositions(_EXTRA_FOR_FUSION))
     table.update(_GRAPHOPT_DECOMPOSITIONS)
-    for op in get_decompositions(_KEEP_EXTERN):
+    training_batch_norm = get_decompositions(_TRAINING_BATCH_NORM)
+    if fuse_batch_norm:
+        table.update(training_batch_norm)
+    for op in get_decompositions(_KEEP_EXTERN) | ({} if fuse_batch_norm else training_batch_norm):
         table.pop(op, None)
     return table

@@ -98,6 +98,21 @@ class Options:
         " (gradients) to another dtype with one multi-tensor ATen call per graph, where that does not raise the"
         " estimated peak memory (fewer launches)",
     )
+    fuse_batch_norm: bool = _option(
+        False,
+        _as_bool,
+        "True | False",
+        "run training batch norm, forward and backward, as per-channel reductions and pointwise work that fuse"
+        " with the ReLU, residual add and running-statistics updates around them, instead of cuDNN's kernels"
+        " (off until measured on a GPU)",
+    )
+    batch_write_backs: bool = _option(
+        False,
+        _as_bool,
+        "True | False",
+        "make the copies that write a graph's updated inputs back at its end (batch norm's running statistics)"
+        " with one multi-tensor ATen call per dtype pair (fewer launches; off until measured on a GPU)",
+    )
     planned_views: bool = _option(
         True,
         _as_bool,

@@ -73,7 +73,16 @@ GraphPass = Callable[[fx.GraphModule, PassContext], tuple[fx.GraphModule, PassRe
 
 def graph_passes(options: Options) -> list[tuple[str, GraphPass]]:
     """The passes run on every forward, backward and inference graph, in order."""
-    from graphopt.passes import batch_casts, buffer_reuse, cleanup, conv_layout, fusion, pad_matmul, planned_views
+    from graphopt.passes import (
+        batch_casts,
+        batch_write_backs,
+        buffer_reuse,
+        cleanup,
+        conv_layout,
+        fusion,
+        pad_matmul,
+        planned_views,
+    )
 
     passes: list[tuple[str, GraphPass]] = [("cleanup", cleanup.run)]
     if options.channels_last:
@@ -88,6 +97,8 @@ def graph_passes(options: Options) -> list[tuple[str, GraphPass]]:
         passes.append(("planned_views", planned_views.run))
     if options.fusion and options.reuse_buffers:
         passes.append(("buffer_reuse", buffer_reuse.run))
+    if options.batch_write_backs:
+        passes.append(("batch_write_backs", batch_write_backs.run))
     return passes
 
 

@@ -42,13 +42,16 @@ CUDA_ONLY_OPTIONS = {"cuda_graphs", "pad_matmuls", "channels_last"}  # their own
 # Options that act only on the casts of mixed precision, of which these float32 steps make none
 # (checked under autocast, below).
 MIXED_PRECISION_OPTIONS = {"batch_casts"}
+# Options that act only on training batch norm, or on the write-backs of inputs a graph updates (of these
+# models, batch norm's running statistics only): checked on the CNN, below.
+BATCH_NORM_OPTIONS = {"fuse_batch_norm", "batch_write_backs"}
 
 
 def option_combinations() -> list[dict[str, Any]]:
     """Every combination of the boolean options, and memory_budget 1.0 / 0.3 if it exists."""
     fields = {f.name: f for f in dataclasses.fields(Options)}
     axes: dict[str, list[Any]] = {
-        name: [True, False] for name, f in fields.items() if isinstance(f.default, bool) and name not in CUDA_ONLY_OPTIONS | MIXED_PRECISION_OPTIONS
+        name: [True, False] for name, f in fields.items() if isinstance(f.default, bool) and name not in CUDA_ONLY_OPTIONS | MIXED_PRECISION_OPTIONS | BATCH_NORM_OPTIONS
     }
     if "memory_budget" in fields:
         axes["memory_budget"] = [1.0, 0.3]
@@ -250,6 +253,13 @@ def _cases() -> list[Any]:
 @pytest.mark.parametrize("arch, options", _cases())
 def test_training_step_matches_eager(arch: Arch, options: dict[str, Any]):
     _assert_step_matches(arch, options)
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_NORM_OPTIONS & {f.name for f in dataclasses.fields(Options)}))
+@pytest.mark.parametrize("options", pairwise(option_combinations()), ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_batch_norm_options_keep_a_cnn_step_and_its_running_statistics_exact(options: dict[str, Any], name: str):
+    """Loss, gradients and the running statistics the step updates match eager's (pairwise over the other options)."""
+    _assert_step_matches(next(a for a in ARCHS if a.name == "cnn"), {**options, name: True})
 
 
 @pytest.mark.parametrize("name", sorted(CUDA_ONLY_OPTIONS & {f.name for f in dataclasses.fields(Options)}))

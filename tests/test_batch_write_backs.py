@@ -1,0 +1,110 @@
+"""batch_write_backs: the copies that write updated inputs back at a graph's end become one
+multi-tensor copy per dtype pair, with the same values, unless a copy's source lives in an
+input another copy writes."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from graphopt import artifact, events
+from graphopt.options import Options
+from graphopt.passes import batch_write_backs
+from graphopt.pipeline import PassContext
+
+aten = torch.ops.aten
+
+
+def _compiled_run(fn, inputs, options):
+    """Outputs and the inputs after one compiled call on copies of `inputs`, and the graphs."""
+    torch._dynamo.reset()
+    copies = [t.clone() for t in inputs]
+    with events.capture() as graphs:
+        out = torch.compile(fn, backend="graphopt", options=options)(*copies)
+    return out, copies, graphs
+
+
+def _ops(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _updates(a, b, c, steps):
+    """Three buffers updated in place, as batch norm's running statistics and step count are."""
+    a.mul_(0.9).add_(0.1)
+    b.add_(a.square())
+    steps.add_(1)
+    c.copy_(a * 2)
+    return (a + b).sum()
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(8, generator=gen), torch.randn(8, generator=gen), torch.randn(8, generator=gen), torch.zeros((), dtype=torch.long)]
+
+
+def test_write_backs_become_one_call_per_dtype_pair_with_the_same_values():
+    inputs = _inputs()
+    want_out = _updates(*[t.clone() for t in inputs])
+    want = [t.clone() for t in inputs]
+    _updates(*want)
+    out, written, graphs = _compiled_run(_updates, inputs, {"batch_write_backs": True})
+    (graph,) = graphs
+    ops = _ops(graph.output_gm)
+    assert ops.count(aten._foreach_copy_.default) == 1 and ops.count(aten.copy_.default) == 1, graph.output_gm.code  # the long step count stays alone
+    (report,) = [r.report for r in graph.records if r.name == "batch_write_backs"]
+    assert (report.batched, report.batches, report.kept) == (3, 1, 1)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(written, want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _crossed(a, b, c, d, e):
+    """a's write-back reads b, b's reads a: made in one parallel call, b would get a's new value;
+    c's and d's read values computed before any write-back."""
+    twice, thrice = aten.mul.Tensor(c, 2), aten.mul.Tensor(e, 3)
+    aten.copy_.default(a, b)
+    aten.copy_.default(b, a)
+    aten.copy_.default(c, twice)
+    aten.copy_.default(d, thrice)
+
+
+def test_a_copy_whose_source_lives_in_a_written_input_is_kept():
+    gm = fx.symbolic_trace(_crossed)
+    for node in gm.graph.nodes:
+        node.meta["val"] = torch.empty(4) if node.op != "output" else None
+    gm, report = batch_write_backs.run(gm, PassContext(options=Options(batch_write_backs=True), graph_name="g0_test", kind="forward", example_inputs=()))
+    assert (report.batched, report.kept) == (2, 2), gm.code
+    inputs = [torch.randn(4) for _ in range(5)]
+    want = [t.clone() for t in inputs]
+    _crossed(*want)
+    gm(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, want))
+
+
+def _bn_step(options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    compiled = model if options is None else torch.compile(model, backend="graphopt", options=options)
+    with events.capture() as graphs:
+        compiled(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    return [p.grad for p in model.parameters()], list(model.buffers()), graphs
+
+
+def test_batch_norm_running_statistics_are_written_by_one_call_and_equal_the_option_off():
+    torch._dynamo.reset()
+    grads_off, buffers_off, _ = _bn_step({"batch_write_backs": False})
+    torch._dynamo.reset()
+    grads_on, buffers_on, graphs = _bn_step({"batch_write_backs": True})
+    forward = next(g for g in graphs if g.kind == "forward")
+    assert _ops(forward.output_gm).count(aten._foreach_copy_.default) == 2  # float statistics, long step counts
+    assert aten.copy_.default not in _ops(forward.output_gm)
+    assert all(torch.equal(a, b) for a, b in zip(grads_on + buffers_on, grads_off + buffers_off))
+    grads_eager, buffers_eager, _ = _bn_step(None)
+    for got, want in zip(grads_on + buffers_on, grads_eager + buffers_eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    loaded = artifact._loads(artifact._dumps(forward.output_gm))  # the AOTAutograd cache keeps the graph pickled
+    assert _ops(loaded).count(aten._foreach_copy_.default) == 2
+
+
+def test_off_by_default():
+    assert Options().batch_write_backs is False
