@@ -289,7 +289,8 @@ def _correctness_checks(dev: str = "cuda") -> list[dict[str, Any]]:
     print(json.dumps(rows[-2:]), flush=True)
     rows.append(_exact_division_check(dev))
     rows.append(_batch_casts_check(dev))
-    print(json.dumps(rows[-2:]), flush=True)
+    rows.append(_batch_norm_training_check(dev))
+    print(json.dumps(rows[-3:]), flush=True)
     return rows
 
 
@@ -353,6 +354,42 @@ def _batch_casts_check(dev: str) -> dict[str, Any]:
         row.update(launches_off=launches_off, launches_on=launches_on, batches=batches)
         row["bit_equal"] = all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))
         row["ok"] = row["bit_equal"] and batches > 0 and launches_on < launches_off
+    except Exception as e:  # a check that crashes is a finding, not the end of the run
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+        row["ok"] = False
+    return row
+
+
+def _batch_norm_training_check(dev: str) -> dict[str, Any]:
+    """Options fuse_batch_norm and batch_write_backs on a float32 conv/batch-norm/ReLU training step
+    (channels-last on CUDA): gradients and running statistics as eager's; the statistics' write-backs
+    batched and no cuDNN batch norm left in the graphs."""
+    from graphopt import events
+
+    def step(compile_it: bool) -> tuple[list[torch.Tensor], list[Any]]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        block = lambda cin, cout: [torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]  # noqa: E731
+        model = torch.nn.Sequential(*block(3, 64), *block(64, 128), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).to(dev)
+        options = {"fuse_batch_norm": True, "batch_write_backs": True}
+        run = torch.compile(model, backend="graphopt", options=options) if compile_it else model
+        with events.capture() as graphs:
+            for _ in range(2):  # the running statistics of two steps
+                model.zero_grad()
+                run(torch.randn(32, 3, 56, 56, device=dev)).square().mean().backward()
+        return [p.grad for p in model.parameters()] + list(model.buffers()), graphs
+
+    row: dict[str, Any] = {"check": "batch_norm_training"}
+    try:
+        torch.manual_seed(1)
+        got, graphs = step(True)
+        torch.manual_seed(1)
+        want, _ = step(False)
+        row["max_rel_error"] = max(_compare(a.float(), b.float(), None) for a, b in zip(got, want))
+        targets = [str(n.target) for g in graphs for n in g.output_gm.graph.nodes if n.op == "call_function"]
+        row["foreach_copies"] = sum("_foreach_copy_" in t for t in targets)
+        row["cudnn_batch_norm"] = sum("batch_norm" in t for t in targets)
+        row["ok"] = row["max_rel_error"] < 1e-3 and row["foreach_copies"] > 0 and row["cudnn_batch_norm"] == 0
     except Exception as e:  # a check that crashes is a finding, not the end of the run
         row["error"] = f"{type(e).__name__}: {e}"[:500]
         row["ok"] = False
