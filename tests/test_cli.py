@@ -146,8 +146,9 @@ def test_dump_writes_every_stage_and_kernels_and_diff_shows_a_pass(tmp_path, sma
         "04_conv_layout.py",
         "05_pad_matmul.py",
         "06_fusion.py",
-        "07_planned_views.py",
-        "08_buffer_reuse.py",
+        "07_batch_casts.py",
+        "08_planned_views.py",
+        "09_buffer_reuse.py",
     ]
     kernels = list((forward / "kernels").glob("*.py"))
     assert kernels and "@triton.jit" in kernels[0].read_text()
@@ -164,7 +165,7 @@ def test_dump_writes_every_stage_and_kernels_and_diff_shows_a_pass(tmp_path, sma
     assert "+        fused_g0_forward_0 = " in capsys.readouterr().out
     assert cli.main(["diff", str(out), "--pass", "nonexistent"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"graphopt: error: no graph in {out} ran a pass named 'nonexistent'; passes found: buffer_reuse, cleanup, ")
+    assert err.startswith(f"graphopt: error: no graph in {out} ran a pass named 'nonexistent'; passes found: batch_casts, buffer_reuse, cleanup, ")
     assert len(err.splitlines()) == 1 and "fusion" in err
 
     # Dumping again into the folder replaces the previous dump, stale graph folders included.

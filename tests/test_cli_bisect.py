@@ -107,7 +107,7 @@ def test_bisect_names_the_broken_pass_and_writes_a_repro_that_reproduces(tmp_pat
     done, repro = _bisect(tmp_path, "broken_pass_hook", BROKEN_PASS_HOOK)
     assert done.returncode == 0, done.stderr
     assert (
-        "first pass that changes the result: add_becomes_sub (pass 3 of 8: cleanup, harmless, add_becomes_sub, conv_layout, pad_matmul, fusion, planned_views, buffer_reuse"
+        "first pass that changes the result: add_becomes_sub (pass 3 of 9: cleanup, harmless, add_becomes_sub, conv_layout, pad_matmul, fusion, batch_casts, planned_views, buffer_reuse"
         in done.stdout
     )
     assert "emits no generated kernels; bisected passes only" in done.stdout
