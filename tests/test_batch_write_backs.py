@@ -4,6 +4,7 @@ input another copy writes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import fx, nn
 
@@ -11,6 +12,7 @@ from graphopt import artifact, events
 from graphopt.options import Options
 from graphopt.passes import batch_write_backs
 from graphopt.pipeline import PassContext
+from graphopt.runtime import GuardedCall
 
 aten = torch.ops.aten
 
@@ -90,21 +92,50 @@ def _bn_step(options):
     return [p.grad for p in model.parameters()], list(model.buffers()), graphs
 
 
-def test_batch_norm_running_statistics_are_written_by_one_call_and_equal_the_option_off():
+def test_batch_norm_running_statistics_and_step_counts_are_written_by_one_call_each_and_equal_the_option_off():
     torch._dynamo.reset()
-    grads_off, buffers_off, _ = _bn_step({"batch_write_backs": False})
+    grads_off, buffers_off, graphs_off = _bn_step({"batch_write_backs": False})
     torch._dynamo.reset()
     grads_on, buffers_on, graphs = _bn_step({"batch_write_backs": True})
     forward = next(g for g in graphs if g.kind == "forward")
-    assert _ops(forward.output_gm).count(aten._foreach_copy_.default) == 2  # float statistics, long step counts
-    assert aten.copy_.default not in _ops(forward.output_gm)
+    ops = _ops(forward.output_gm)
+    assert ops.count(aten._foreach_copy_.default) == 1 and ops.count(aten._foreach_add_.Scalar) == 1, forward.output_gm.code
+    assert aten.copy_.default not in ops
+    forward_off = next(g for g in graphs_off if g.kind == "forward")
+    kernels_on, kernels_off = (sum(isinstance(t, GuardedCall) for t in _ops(g.output_gm)) for g in (forward, forward_off))
+    assert kernels_off - kernels_on == 2  # the two step counts' increment kernels
     assert all(torch.equal(a, b) for a, b in zip(grads_on + buffers_on, grads_off + buffers_off))
     grads_eager, buffers_eager, _ = _bn_step(None)
     for got, want in zip(grads_on + buffers_on, grads_eager + buffers_eager):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     loaded = artifact._loads(artifact._dumps(forward.output_gm))  # the AOTAutograd cache keeps the graph pickled
-    assert _ops(loaded).count(aten._foreach_copy_.default) == 2
+    assert _ops(loaded).count(aten._foreach_copy_.default) == 1 and _ops(loaded).count(aten._foreach_add_.Scalar) == 1
 
 
 def test_off_by_default():
     assert Options().batch_write_backs is False
+
+
+def _counters(a, b, x):
+    a.add_(1)
+    b.add_(1)
+    return x * 2
+
+
+def _counters_read(a, b, x):
+    """a's new value is also read: its kernel stays, and a's write-back is a plain copy."""
+    a.add_(1)
+    b.add_(1)
+    return x * a
+
+
+@pytest.mark.parametrize("fn, increments, kept", [(_counters, 2, 0), (_counters_read, 0, 2)])
+def test_counters_become_one_foreach_add_unless_their_new_value_is_read(fn, increments, kept):
+    inputs = [torch.zeros(()), torch.ones(()), torch.randn(4)]
+    want = [t.clone() for t in inputs]
+    want_out = fn(*want)
+    out, written, graphs = _compiled_run(fn, inputs, {"batch_write_backs": True})
+    (report,) = [r.report for r in graphs[0].records if r.name == "batch_write_backs"]
+    assert (report.increments, report.kept) == (increments, kept), graphs[0].output_gm.code
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(written, want))
