@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from graphopt.codegen import lowerings
-from graphopt.codegen.kernel import node_kind
+from graphopt.codegen.kernel import memory_order, node_kind
 from graphopt.cost_model.roofline import nbytes_hint
 from graphopt.passes.fusion_plans import Plans
 
@@ -49,14 +49,24 @@ def privatize(graph: fx.Graph, fusable: set[fx.Node], plans: Plans) -> list[str]
 
 
 def _across_rows(node: fx.Node) -> bool:
-    """A reduction whose reduced dims leave out its input's last dim."""
+    """A reduction whose reduced dims leave out its input's innermost dim in memory (the last,
+    or the channels of a channels-last activation: batch norm's per-channel sums)."""
     if node_kind(node) != "reduction" or not isinstance(node.args[0], fx.Node):
         return False
     val = node.args[0].meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return False
     dims, _ = lowerings.reduction_dims(node.target, node.args, node.kwargs, val.dim())
-    return bool(dims) and val.dim() - 1 not in dims
+    order = memory_order(node.args[0])
+    return bool(dims) and (val.dim() - 1 if order is None else order[-1]) not in dims
+
+
+def _sibling_statistic(node: fx.Node, reduction: fx.Node) -> bool:
+    """A reduction across rows over an input of the same shape as `reduction`'s (a mean that the
+    variance's sum reads): both become one kernel, so it bounds the chain instead of ending it."""
+    if not _across_rows(node):
+        return False
+    return tuple(node.args[0].meta["val"].shape) == tuple(reduction.args[0].meta["val"].shape)
 
 
 def _chain(reduction: fx.Node, fusable: set[fx.Node]) -> list[fx.Node] | None:
@@ -71,7 +81,7 @@ def _chain(reduction: fx.Node, fusable: set[fx.Node]) -> list[fx.Node] | None:
         if node in chain:
             continue
         if node not in fusable or node_kind(node) not in _CHAIN_KINDS or _seeded(node):
-            if node in fusable and node_kind(node) == "reduction":
+            if node in fusable and node_kind(node) == "reduction" and not _sibling_statistic(node, reduction):
                 return None
             continue
         chain.add(node)

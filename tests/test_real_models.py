@@ -285,6 +285,12 @@ def test_cuda_only_rewrites_forced_on_the_cpu_keep_every_architecture_exact(arch
     _assert_step_matches(arch, {})
 
 
+def test_batch_norm_options_on_channels_last_activations_keep_a_cnn_step_exact(monkeypatch):
+    """As on CUDA, where batch norm's per-channel sums run across rows of channels-last activations."""
+    monkeypatch.setattr(conv_layout, "device_spec", lambda device: CUDA_LIKE_SPEC)
+    _assert_step_matches(next(a for a in ARCHS if a.name == "cnn"), {name: True for name in BATCH_NORM_OPTIONS})
+
+
 def _autocast_step(arch: Arch, options: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Any]]:
     torch.manual_seed(0)
     model = arch.build().train()

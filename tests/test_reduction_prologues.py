@@ -97,3 +97,25 @@ def test_symbolic_sizes_recompute_by_their_hints_and_match_eager():
     assert len(report.recomputed_prologues) == 2
     other = _inputs(48)
     assert_matches(gm(*other), _layer_norm_backward(*other), rtol=1e-4, atol=1e-4)
+
+
+def _channel_statistics(x_bf16):
+    """Batch norm's forward on a channels-last activation: per-channel mean and variance over N*H*W
+    (reductions across rows in memory, though W is the last logical dim) and the normalized result,
+    all of the fp32 cast."""
+    x = x_bf16.float()
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean((0, 2, 3), keepdim=True)
+    return ((x - mean) * torch.rsqrt(var + 1e-5)).to(torch.bfloat16), mean, var
+
+
+def test_channels_last_per_channel_statistics_recompute_the_cast_instead_of_reading_it():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    before, _ = fuse(_channel_statistics, x, options=KEEP)
+    after, report = fuse(_channel_statistics, x, options=RECOMPUTE)
+    assert report.recomputed_prologues, report
+    # the fp32 cast is no longer a kernel of its own, stored for the others to read
+    assert (len(kernels(before)), _full_size_outputs(before, (4, 8, 6, 6))) == (3, 2)
+    assert (len(kernels(after)), _full_size_outputs(after, (4, 8, 6, 6))) == (2, 1)
+    assert_matches(after(x), _channel_statistics(x), rtol=2e-2, atol=2e-2)
