@@ -13,14 +13,17 @@ norm's step count, `num_batches_tracked += 1`: 53 more launches per ResNet-50 st
 one `_foreach_add_` per (device, dtype, number) instead, at the same place.
 
 Only the copies that end the graph are batched, into graph inputs, whose results nothing
-reads: moving them among themselves changes nothing unless one's source lives in another's
-destination, which is checked on the graph's storages (passes/live_memory.py). A batch of
-one stays a copy.
+reads. Two such copies commute unless one's source lives in an input another writes (checked
+on the graph's storages, passes/live_memory.py) or both write the same input; only copies
+that commute with all others, after the last one that does not, are moved into batches. A
+batch of one stays a copy.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import numbers
 
 import torch
@@ -73,7 +76,7 @@ def _increment(copy: fx.Node) -> numbers.Number | None:
     if not isinstance(src, fx.Node) or not isinstance(src.target, GuardedCall) or set(src.users) != {copy}:
         return None
     spec = getattr(src.target.primary, "spec", None)
-    if spec is None or len(spec.nodes) != 1 or src.args != (dst,):
+    if spec is None or len(spec.nodes) != 1 or src.args != (dst,) or src.meta["val"].dtype != dst.meta["val"].dtype:
         return None
     (add,) = spec.nodes
     if add.target is not aten.add.Tensor or add.args[0] is not spec.inputs[0] or add.kwargs:
@@ -88,14 +91,22 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, BatchWrit
     storages = Storages()
     for node in nodes:
         storages.add(node)
-    written = {i for copy in copies for i in storages.of.get(copy.args[0], ())}
+    written = {i for copy in copies for i in storages.of.get(copy.args[0], ())} | storages.unknown
+    writes = collections.Counter(copy.args[0] for copy in copies)
+
+    def commutes(copy: fx.Node) -> bool:
+        """Whether the copy may run before or after any other write-back: its source lives in no
+        written input and no other copy writes its input."""
+        source = copy.args[1]
+        return writes[copy.args[0]] == 1 and not (isinstance(source, fx.Node) and set(storages.of.get(source, ())) & written)
+
+    # copies that commute with every other one, after the last that does not (nothing moves across it)
+    movable = list(itertools.takewhile(commutes, reversed(copies)))[::-1]
     groups: dict[tuple[object, ...], list[fx.Node]] = {}
-    for copy in copies:
+    for copy in movable:
         group = _group(copy)
-        source_storages = set(storages.of.get(copy.args[1], ())) if isinstance(copy.args[1], fx.Node) else set()
-        if group is None or source_storages & (written | storages.unknown):
-            continue
-        groups.setdefault((*group, _increment(copy)), []).append(copy)
+        if group is not None:
+            groups.setdefault((*group, _increment(copy)), []).append(copy)
     batches = {group: members for group, members in groups.items() if len(members) >= 2}
     for (*_, number), members in batches.items():
         destinations = [c.args[0] for c in members]
