@@ -32,12 +32,9 @@ def _graphopt_row_options(row: Row) -> dict[str, Any]:
         options["memory_budget"] = row.memory_budget
     if row.cuda_graphs:
         options["cuda_graphs"] = True
-    for name in (row.graphopt_off or "").split("+"):
-        if name:
-            options[name] = False
-    for name in (row.graphopt_on or "").split("+"):
-        if name:
-            options[name] = True
+    for names, value in ((row.graphopt_off, False), (row.graphopt_on, True)):
+        for name in filter(None, (names or "").split("+")):
+            options[name] = value
     return options
 
 

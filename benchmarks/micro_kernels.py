@@ -244,8 +244,8 @@ def _correctness_checks(dev: str = "cuda") -> list[dict[str, Any]]:
         reset_fallbacks()
         inputs = [torch.randn(s, device=dev, dtype=dtype, requires_grad=True) for s in shapes]
         ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-        row: dict[str, Any] = {"check": name}
-        try:
+
+        def fill(row: dict[str, Any]) -> None:
             with events.capture() as graphs:
                 out = torch.compile(fn, backend="graphopt")(*inputs)
                 out.float().square().mean().backward()
@@ -268,9 +268,8 @@ def _correctness_checks(dev: str = "cuda") -> list[dict[str, Any]]:
             row["failed"] = [f"{c.__name__}: {c.failed_reason}" for c in calls if c.failed_reason]
             row["fallbacks"] = [f"{k.op}: {k.reason}" for k in fallbacks()]
             row["ok"] = accurate and not row["failed"] and row["kernels"] > 0
-        except Exception as e:  # a check that crashes is a finding, not the end of the run
-            row["error"] = f"{type(e).__name__}: {e}"[:500]
-            row["ok"] = False
+
+        row = _checked(name, fill)
         rows.append(row)
         print(json.dumps(row), flush=True)
     torch._dynamo.reset()
@@ -294,6 +293,18 @@ def _correctness_checks(dev: str = "cuda") -> list[dict[str, Any]]:
     return rows
 
 
+def _checked(name: str, fill: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """A check's row: what `fill` wrote into it, with its verdict `ok`; a check that crashes is a
+    finding (its error, ok False), not the end of the run."""
+    row: dict[str, Any] = {"check": name}
+    try:
+        fill(row)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+        row["ok"] = False
+    return row
+
+
 def _exact_division_check(dev: str) -> dict[str, Any]:
     """Rounding divisions and integer powers, which eager computes exactly: the same values, bit for
     bit (integer floor/trunc division past 2**24, Python's float floor division, int64 powers)."""
@@ -308,15 +319,13 @@ def _exact_division_check(dev: str) -> dict[str, Any]:
     i = torch.randint(-(2**50), 2**50, (4096,), device=dev)
     j = torch.randint(1, 1000, (4096,), device=dev) * torch.where(torch.rand(4096, device=dev) < 0.5, -1, 1)
     x, y = torch.randn(4096, device=dev) * 100, torch.randn(4096, device=dev)
-    row: dict[str, Any] = {"check": "exact_division_and_integer_pow"}
-    try:
+
+    def fill(row: dict[str, Any]) -> None:
         got, want = torch.compile(fn, backend="graphopt")(i, j, x, y), fn(i, j, x, y)
         row["mismatches"] = [k for k, (a, b) in enumerate(zip(got, want)) if not torch.equal(a, b)]
         row["ok"] = not row["mismatches"]
-    except Exception as e:  # a check that crashes is a finding, not the end of the run
-        row["error"] = f"{type(e).__name__}: {e}"[:500]
-        row["ok"] = False
-    return row
+
+    return _checked("exact_division_and_integer_pow", fill)
 
 
 def _batch_casts_check(dev: str) -> dict[str, Any]:
@@ -347,17 +356,14 @@ def _batch_casts_check(dev: str) -> dict[str, Any]:
         batches = sum(isinstance(n.target, BatchedCast) for g in graphs for n in g.output_gm.graph.nodes)
         return [p.grad.clone() for p in model.parameters()], launches, batches
 
-    row: dict[str, Any] = {"check": "batch_casts_autocast_step"}
-    try:
+    def fill(row: dict[str, Any]) -> None:
         grads_off, launches_off, _ = step({"batch_casts": False})
         grads_on, launches_on, batches = step({"batch_casts": True})
         row.update(launches_off=launches_off, launches_on=launches_on, batches=batches)
         row["bit_equal"] = all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))
         row["ok"] = row["bit_equal"] and batches > 0 and launches_on < launches_off
-    except Exception as e:  # a check that crashes is a finding, not the end of the run
-        row["error"] = f"{type(e).__name__}: {e}"[:500]
-        row["ok"] = False
-    return row
+
+    return _checked("batch_casts_autocast_step", fill)
 
 
 def _batch_norm_training_check(dev: str) -> dict[str, Any]:
@@ -379,8 +385,7 @@ def _batch_norm_training_check(dev: str) -> dict[str, Any]:
                 run(torch.randn(32, 3, 56, 56, device=dev)).square().mean().backward()
         return [p.grad for p in model.parameters()] + list(model.buffers()), graphs
 
-    row: dict[str, Any] = {"check": "batch_norm_training"}
-    try:
+    def fill(row: dict[str, Any]) -> None:
         torch.manual_seed(1)
         got, graphs = step(True)
         torch.manual_seed(1)
@@ -390,10 +395,8 @@ def _batch_norm_training_check(dev: str) -> dict[str, Any]:
         row["foreach_copies"] = sum("_foreach_copy_" in t for t in targets)
         row["cudnn_batch_norm"] = sum("batch_norm" in t for t in targets)
         row["ok"] = row["max_rel_error"] < 1e-3 and row["foreach_copies"] > 0 and row["cudnn_batch_norm"] == 0
-    except Exception as e:  # a check that crashes is a finding, not the end of the run
-        row["error"] = f"{type(e).__name__}: {e}"[:500]
-        row["ok"] = False
-    return row
+
+    return _checked("batch_norm_training", fill)
 
 
 def _cuda_graphs_check() -> dict[str, Any]:

@@ -29,7 +29,7 @@ import numbers
 import torch
 from torch import fx
 
-from graphopt.passes.live_memory import Storages
+from graphopt.passes.live_memory import storages_of
 from graphopt.pipeline import PassContext, PassReport
 from graphopt.runtime import GuardedCall
 
@@ -88,9 +88,7 @@ def _increment(copy: fx.Node) -> numbers.Number | None:
 def run(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, BatchWriteBacksReport]:
     nodes = list(gm.graph.nodes)
     copies = _trailing_write_backs(nodes)
-    storages = Storages()
-    for node in nodes:
-        storages.add(node)
+    storages = storages_of(nodes)
     written = {i for copy in copies for i in storages.of.get(copy.args[0], ())} | storages.unknown
     writes = collections.Counter(copy.args[0] for copy in copies)
 

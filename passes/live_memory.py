@@ -197,11 +197,17 @@ def live_profile(count: int, life: Lifetimes) -> list[int]:
     return live
 
 
-def estimate(nodes: list[fx.Node], kind: GraphKind) -> tuple[Storages, Lifetimes, list[int]]:
-    """The graph's storages, their lifetimes, and the bytes alive while each of `nodes` runs."""
+def storages_of(nodes: list[fx.Node]) -> Storages:
+    """The storages each of a graph's `nodes` (all of them, in order) may live in."""
     storages = Storages()
     for node in nodes:
         storages.add(node)
+    return storages
+
+
+def estimate(nodes: list[fx.Node], kind: GraphKind) -> tuple[Storages, Lifetimes, list[int]]:
+    """The graph's storages, their lifetimes, and the bytes alive while each of `nodes` runs."""
+    storages = storages_of(nodes)
     life = lifetimes(nodes, storages, kind)
     return storages, life, live_profile(len(nodes), life)
 
